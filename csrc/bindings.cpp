@@ -1,0 +1,67 @@
+// Schemas of the deltakern ops, their CPU and CUDA kernels, and the Python module deltakern._C,
+// which holds no functions: importing it loads the library and registers the ops, and its
+// attributes say how it was built.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace deltakern {
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B, double scaling,
+                                                   double dropout_p, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
+    double dropout_p, int64_t seed);
+}  // namespace deltakern
+
+TORCH_LIBRARY(deltakern, m) {
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scaling, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor xa, float scaling, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+  // Takes no tensor, so it has one catch-all kernel: the CPU port of philox.h, for the tests.
+  m.def("dropout_keep_mask(int rows, int cols, float p, int seed) -> Tensor",
+        &deltakern::dropout_keep_mask_cpu);
+}
+
+TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
+  m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd);
+  m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd);
+}
+
+#ifdef DELTAKERN_WITH_CUDA
+TORCH_LIBRARY_IMPL(deltakern, CUDA, m) {
+  m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd);
+  m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd);
+}
+#define DELTAKERN_HAS_CUDA_KERNELS 1
+#else
+#define DELTAKERN_HAS_CUDA_KERNELS 0
+#define DELTAKERN_CUDA_ARCHS ""
+#endif
+
+static PyModuleDef deltakern_c_module = {PyModuleDef_HEAD_INIT, "_C",
+                                         "deltakern native kernels (ops under torch.ops.deltakern)",
+                                         -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&deltakern_c_module);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddObject(module, "has_cpu_kernels", Py_NewRef(Py_True)) < 0 ||
+      PyModule_AddObject(module, "has_cuda_kernels",
+                         Py_NewRef(DELTAKERN_HAS_CUDA_KERNELS ? Py_True : Py_False)) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_archs", DELTAKERN_CUDA_ARCHS) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

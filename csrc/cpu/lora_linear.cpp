@@ -1,0 +1,121 @@
+// CPU kernels of the LoRA dropout parts: a fused dropout-shrink and the one-pass dropout
+// backward. The large GEMMs stay in ATen (csrc/lora_linear.cpp).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "deltakern/philox.h"
+#include "kernels.h"
+
+namespace deltakern {
+namespace {
+
+// Rows of x dropped into a thread-local buffer per shrink GEMM call: 32 rows x 1024 fp32 is
+// 128 KiB, which stays in L2 between the masking pass and the GEMM that reads it back.
+constexpr int64_t kShrinkRows = 32;
+// Elements per task of the element-wise passes.
+constexpr int64_t kMaskGrain = 1 << 15;
+// Philox counters per vectorized block: 64 counters = 256 elements.
+constexpr int kBlockCounters = 64;
+constexpr int64_t kBlockElements = 4 * kBlockCounters;
+
+// keep[i] = 1 for the kept elements 4 * first_counter + i of one block. Compiled for AVX2 and
+// for the baseline, picked at load time: the vectorized block costs 1.1 ms per 2M elements
+// on 2 cores where the scalar philox4x32_10 loop cost 9.5 ms.
+__attribute__((target_clones("avx2", "default"))) void keep_block(uint64_t seed, uint64_t first_counter,
+                                                                   uint32_t threshold, uint8_t* keep) {
+  uint32_t c0[kBlockCounters], c1[kBlockCounters], c2[kBlockCounters], c3[kBlockCounters];
+  philox4x32_10_block(seed, first_counter, c0, c1, c2, c3);
+  for (int i = 0; i < kBlockCounters; ++i) {
+    keep[4 * i + 0] = philox_fold(c0[i]) >= threshold;
+    keep[4 * i + 1] = philox_fold(c1[i]) >= threshold;
+    keep[4 * i + 2] = philox_fold(c2[i]) >= threshold;
+    keep[4 * i + 3] = philox_fold(c3[i]) >= threshold;
+  }
+}
+
+// Calls f(offset, count, keep) over the elements [begin, end) of the flattened [M, K] index
+// space in consecutive runs: keep[j] is the keep bit of element begin + offset + j.
+template <typename F>
+inline void for_each_keep_run(uint64_t seed, float p, int64_t begin, int64_t end, F&& f) {
+  const uint32_t threshold = dropout_threshold(p);
+  alignas(64) uint8_t keep[kBlockElements];
+  for (int64_t block = begin & ~int64_t{3}; block < end; block += kBlockElements) {
+    keep_block(seed, static_cast<uint64_t>(block >> 2), threshold, keep);
+    const int64_t lo = std::max(block, begin);
+    const int64_t hi = std::min(block + kBlockElements, end);
+    f(lo - begin, hi - lo, keep + (lo - block));
+  }
+}
+
+// out[j] = in[j] * keep[j] * keep_scale: multiplying (not selecting) propagates NaN and inf as
+// the reference x * mask / (1 - p) does.
+template <typename scalar_t, typename opmath_t>
+inline void scale_kept(const scalar_t* in, const uint8_t* keep, int64_t n, opmath_t keep_scale, scalar_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = static_cast<scalar_t>(static_cast<opmath_t>(in[j]) * (keep[j] * keep_scale));
+  }
+}
+
+}  // namespace
+
+void lora_dropout_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p,
+                             int64_t seed, at::Tensor& xa) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const at::Tensor lora_A_t = lora_A.t();
+  const float p32 = static_cast<float>(p);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_dropout_shrink_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t keep_scale = static_cast<opmath_t>(1.0 / (1.0 - p));
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, M, kShrinkRows, [&](int64_t row_begin, int64_t row_end) {
+      at::Tensor dropped = at::empty({std::min(kShrinkRows, row_end - row_begin), K}, x.options());
+      scalar_t* out = dropped.data_ptr<scalar_t>();
+      for (int64_t row = row_begin; row < row_end; row += kShrinkRows) {
+        const int64_t rows = std::min(kShrinkRows, row_end - row);
+        const scalar_t* in = x_data + row * K;
+        for_each_keep_run(seed, p32, row * K, (row + rows) * K, [&](int64_t offset, int64_t n, const uint8_t* keep) {
+          scale_kept(in + offset, keep, n, keep_scale, out + offset);
+        });
+        at::Tensor xa_rows = xa.narrow(0, row, rows);
+        at::mm_out(xa_rows, dropped.narrow(0, 0, rows), lora_A_t);
+      }
+    });
+  });
+}
+
+void lora_dropout_backward_cpu(const at::Tensor& x, at::Tensor& dx_lowrank,
+                               at::Tensor& x_dropped, double p, int64_t seed) {
+  const float p32 = static_cast<float>(p);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_dropout_backward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t keep_scale = static_cast<opmath_t>(1.0 / (1.0 - p));
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    scalar_t* dx_data = dx_lowrank.data_ptr<scalar_t>();
+    scalar_t* dropped_data = x_dropped.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), kMaskGrain, [&](int64_t begin, int64_t end) {
+      for_each_keep_run(seed, p32, begin, end, [&](int64_t offset, int64_t n, const uint8_t* keep) {
+        const int64_t e = begin + offset;
+        scale_kept(dx_data + e, keep, n, keep_scale, dx_data + e);
+        scale_kept(x_data + e, keep, n, keep_scale, dropped_data + e);
+      });
+    });
+  });
+}
+
+at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double p, int64_t seed) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "deltakern.dropout_keep_mask: rows and cols must be >= 0");
+  at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
+  bool* data = mask.data_ptr<bool>();
+  const float p32 = static_cast<float>(p);
+  at::parallel_for(0, rows * cols, kMaskGrain, [&](int64_t begin, int64_t end) {
+    for_each_keep_run(seed, p32, begin, end, [&](int64_t offset, int64_t n, const uint8_t* keep) {
+      std::copy(keep, keep + n, data + begin + offset);
+    });
+  });
+  return mask;
+}
+
+}  // namespace deltakern

@@ -1,0 +1,322 @@
+// CUDA kernels of lora_linear's dropout parts: the dropout-fused shrink xa = drop(x) A^T and
+// the one-pass dropout backward. Raw pointers and a stream only; no torch header, so nvcc
+// compiles this file in seconds. The glue lives in lora_linear_cuda.cpp.
+//
+// Dropout mask (DESIGN.md, "Dropout randomness"): element e = m * K + k of the [M, K] view
+// is kept when lane e % 4 of philox4x32_10(seed, e / 4) passes dropout_keep(bits, p). Both
+// kernels work in "counter groups": group c is the four elements 4c .. 4c+3 of the flattened
+// index space, which one Philox call serves.
+//
+// fp32 math for every dtype, with explicit conversion intrinsics because torch builds with
+// __CUDA_NO_HALF_OPERATORS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__. All index math is 64-bit.
+// The per-group and per-chunk pieces are __host__ __device__ so a host program can include
+// this file and check their index logic against a plain loop without a GPU.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "deltakern/lora_params.h"
+#include "deltakern/philox.h"
+#include "lora_linear.cuh"
+
+namespace deltakern {
+namespace {
+
+DELTAKERN_HD float to_float(float v) { return v; }
+DELTAKERN_HD float to_float(__half v) { return __half2float(v); }
+DELTAKERN_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+DELTAKERN_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <typename T>
+DELTAKERN_HD T from_float(float v);
+template <>
+DELTAKERN_HD float from_float<float>(float v) { return v; }
+template <>
+DELTAKERN_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+DELTAKERN_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Bit l is set when element 4c + l is kept. A uniform is never below 0, so p == 0 keeps
+// everything and Philox is skipped: LoRA without dropout pays nothing for the RNG.
+DELTAKERN_HD unsigned keep_mask(uint64_t seed, int64_t c, float p) {
+  if (p <= 0.f) return 0xFu;
+  const PhiloxOut r = philox4x32_10(seed, static_cast<uint64_t>(c));
+  unsigned mask = 0;
+#pragma unroll
+  for (int l = 0; l < 4; ++l) mask |= static_cast<unsigned>(dropout_keep(r.v[l], p)) << l;
+  return mask;
+}
+
+// One counter group in memory. A group starts at a multiple of 4 elements of the flat index,
+// so with a 4-element-aligned base pointer every full group is one 16-byte (fp32) or 8-byte
+// (fp16/bf16) access.
+template <typename T>
+struct alignas(4 * sizeof(T)) Group {
+  T v[4];
+};
+
+// Elements 4c .. 4c+3 of src[0, n) as floats; those at or past n read as 0.
+// kVec: src is 4-element aligned, so a full group is a single vector load.
+template <typename T, bool kVec>
+DELTAKERN_HD void load_group(const T* src, int64_t c, int64_t n, float out[4]) {
+  const int64_t e0 = 4 * c;
+  if (kVec && e0 + 4 <= n) {
+    const Group<T> g = *reinterpret_cast<const Group<T>*>(src + e0);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = to_float(g.v[l]);
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = e0 + l < n ? to_float(src[e0 + l]) : 0.f;
+  }
+}
+
+// Stores in[0..3] to elements 4c .. 4c+3 of dst[0, n); those at or past n are skipped.
+template <typename T, bool kVec>
+DELTAKERN_HD void store_group(T* dst, int64_t c, int64_t n, const float in[4]) {
+  const int64_t e0 = 4 * c;
+  if (kVec && e0 + 4 <= n) {
+    Group<T> g;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) g.v[l] = from_float<T>(in[l]);
+    *reinterpret_cast<Group<T>*>(dst + e0) = g;
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (e0 + l < n) dst[e0 + l] = from_float<T>(in[l]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shrink: xa[M, R] = drop(x)[M, K] @ A[R, K]^T.
+//
+// Design: a block owns kShrinkRows rows of x and a tile of kShrinkRTile outputs r, and walks
+// K in chunks of kShrinkChunk columns. Each chunk of the block's rows is dropped and staged
+// in shared memory in fp32 (the drop(x) temporary never exists in global memory); then warp
+// w accumulates the outputs r = tile + w + j * kShrinkWarps (j < kShrinkRPerWarp) for all
+// the block's rows, each lane over the columns lane, lane + 32, ... of the chunk. Every A
+// value loaded is used for kShrinkRows rows and every staged x value for up to
+// kShrinkRPerWarp outputs, from registers. Partial sums stay in registers across chunks and
+// are reduced with warp shuffles once per tile. Outputs are interleaved over the warps so a
+// small R (8, 16) still keeps every warp busy; the r < R test is warp-uniform. R above the
+// tile size takes more tiles (gridDim.y), which regenerate the mask: cheap next to the
+// K * kShrinkRTile multiply-adds per row of a tile.
+//
+// Staging works on counter groups: chunk [k0, k0 + kc) of row m is the flat range
+// [lo, hi) = m * K + [k0, k0 + kc), covered by groups lo / 4 .. (hi - 1) / 4. A group that
+// straddles a row or chunk boundary (K % 4 != 0, or the chunk edge) is simply generated by
+// both sides, each keeping its own elements: at most two extra Philox calls per row chunk.
+constexpr int kShrinkWarps = 8;
+constexpr int kShrinkThreads = kShrinkWarps * 32;
+constexpr int kShrinkRows = 8;
+constexpr int kShrinkRPerWarp = 8;
+constexpr int kShrinkRTile = kShrinkWarps * kShrinkRPerWarp;
+constexpr int kShrinkChunk = 256;
+// Groups touching one row's chunk of kc <= kShrinkChunk elements (kShrinkChunk % 4 == 0).
+constexpr int kShrinkGroupsPerRow = kShrinkChunk / 4 + 1;
+static_assert(kShrinkChunk % 4 == 0, "a chunk must span whole groups when aligned");
+
+// Writes the elements of group lo / 4 + gi that lie in [lo, hi) to xs_row[e - lo], dropped
+// and scaled. Groups past the range are skipped.
+template <typename T, bool kVec>
+DELTAKERN_HD void stage_group(const T* x, int64_t n, int64_t lo, int64_t hi, int gi,
+                              float p, float keep_scale, uint64_t seed, float* xs_row) {
+  const int64_t c = lo / 4 + gi;
+  if (4 * c >= hi) return;
+  float v[4];
+  load_group<T, kVec>(x, c, n, v);
+  const unsigned keep = keep_mask(seed, c, p);
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    const int64_t e = 4 * c + l;
+    if (e >= lo && e < hi) xs_row[e - lo] = (keep >> l) & 1u ? v[l] * keep_scale : 0.f;
+  }
+}
+
+// One lane's share of a chunk: acc[j][b] += sum over k = lane, lane + 32, ... < kc of
+// A[r_j, k0 + k] * xs[b][k], for the outputs r_j = r_first + j * kShrinkWarps below R.
+template <typename T>
+DELTAKERN_HD void accumulate_chunk(const float (*xs)[kShrinkChunk], const T* A, int64_t K,
+                                   int64_t R, int64_t k0, int kc, int64_t r_first, int lane,
+                                   float (&acc)[kShrinkRPerWarp][kShrinkRows]) {
+  for (int k = lane; k < kc; k += 32) {
+    float xv[kShrinkRows];
+#pragma unroll
+    for (int b = 0; b < kShrinkRows; ++b) xv[b] = xs[b][k];
+#pragma unroll
+    for (int j = 0; j < kShrinkRPerWarp; ++j) {
+      const int64_t r = r_first + static_cast<int64_t>(j) * kShrinkWarps;
+      if (r < R) {
+        const float a = to_float(A[r * K + k0 + k]);
+#pragma unroll
+        for (int b = 0; b < kShrinkRows; ++b) acc[j][b] += a * xv[b];
+      }
+    }
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kShrinkThreads)
+    lora_dropout_shrink_kernel(const T* __restrict__ x, const T* __restrict__ A,
+                               T* __restrict__ xa, int64_t M, int64_t K, int64_t R, float p,
+                               float keep_scale, uint64_t seed) {
+  __shared__ float xs[kShrinkRows][kShrinkChunk];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t n = M * K;
+  const int64_t row_blocks = (M + kShrinkRows - 1) / kShrinkRows;
+  const int64_t r_tiles = (R + kShrinkRTile - 1) / kShrinkRTile;
+
+  // Grid-stride over (row block, r tile) so any M and R fit the grid limits. The bounds are
+  // block-uniform, so the __syncthreads below are reached by the whole block.
+  for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
+    const int64_t r_first = rt * kShrinkRTile + warp;
+    for (int64_t rb = blockIdx.x; rb < row_blocks; rb += gridDim.x) {
+      const int64_t row0 = rb * kShrinkRows;
+      float acc[kShrinkRPerWarp][kShrinkRows] = {};
+
+      for (int64_t k0 = 0; k0 < K; k0 += kShrinkChunk) {
+        const int kc = static_cast<int>(min64(kShrinkChunk, K - k0));
+        __syncthreads();  // the previous chunk's readers are done with xs
+        for (int s = threadIdx.x; s < kShrinkRows * kShrinkGroupsPerRow; s += kShrinkThreads) {
+          const int b = s / kShrinkGroupsPerRow;
+          // Rows past M stage a copy of row M - 1: their sums are computed but never stored,
+          // and every value read from xs is defined.
+          const int64_t m = min64(row0 + b, M - 1);
+          const int64_t lo = m * K + k0;
+          stage_group<T, kVec>(x, n, lo, lo + kc, s % kShrinkGroupsPerRow, p, keep_scale, seed,
+                               xs[b]);
+        }
+        __syncthreads();
+        accumulate_chunk<T>(xs, A, K, R, k0, kc, r_first, lane, acc);
+      }
+
+#pragma unroll
+      for (int j = 0; j < kShrinkRPerWarp; ++j) {
+        const int64_t r = r_first + static_cast<int64_t>(j) * kShrinkWarps;
+        if (r >= R) continue;  // warp-uniform
+#pragma unroll
+        for (int b = 0; b < kShrinkRows; ++b) {
+          float v = acc[j][b];
+#pragma unroll
+          for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+          if (lane == 0 && row0 + b < M) xa[(row0 + b) * R + r] = from_float<T>(v);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dropout backward: one thread per counter group, so the mask of four consecutive elements
+// costs one Philox call and rows do not matter at all (the flat index is the element index).
+constexpr int kBackwardThreads = 256;
+
+template <typename T, bool kVec>
+DELTAKERN_HD void dropout_backward_group(const T* x, T* dx, T* x_dropped, int64_t n, int64_t c,
+                                         float p, float keep_scale, uint64_t seed) {
+  const unsigned keep = keep_mask(seed, c, p);
+  float xv[4], dv[4];
+  load_group<T, kVec>(x, c, n, xv);
+  load_group<T, kVec>(dx, c, n, dv);
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    const bool kept = (keep >> l) & 1u;
+    xv[l] = kept ? xv[l] * keep_scale : 0.f;
+    dv[l] = kept ? dv[l] * keep_scale : 0.f;
+  }
+  store_group<T, kVec>(x_dropped, c, n, xv);
+  store_group<T, kVec>(dx, c, n, dv);
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kBackwardThreads)
+    lora_dropout_backward_kernel(const T* __restrict__ x, T* __restrict__ dx,
+                                 T* __restrict__ x_dropped, int64_t n, float p,
+                                 float keep_scale, uint64_t seed) {
+  const int64_t groups = (n + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBackwardThreads;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kBackwardThreads + threadIdx.x;
+       c < groups; c += stride) {
+    dropout_backward_group<T, kVec>(x, dx, x_dropped, n, c, p, keep_scale, seed);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Launchers.
+
+// Grid dimensions are capped here and the kernels grid-stride over the rest; 65535 blocks
+// of 256 threads are many waves on any current GPU, so the cap only matters for huge inputs.
+constexpr int64_t kMaxGridDim = 65535;
+
+template <typename T>
+bool vec_aligned(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % (4 * sizeof(T)) == 0;
+}
+
+template <typename T>
+cudaError_t shrink_typed(const LoraShrinkParams& prm, cudaStream_t stream) {
+  const int64_t row_blocks = (prm.M + kShrinkRows - 1) / kShrinkRows;
+  const int64_t r_tiles = (prm.R + kShrinkRTile - 1) / kShrinkRTile;
+  const dim3 grid(static_cast<unsigned>(std::min(row_blocks, kMaxGridDim)),
+                  static_cast<unsigned>(std::min(r_tiles, kMaxGridDim)));
+  const T* x = static_cast<const T*>(prm.x);
+  const T* A = static_cast<const T*>(prm.lora_A);
+  T* xa = static_cast<T*>(prm.xa);
+  if (vec_aligned<T>(x)) {
+    lora_dropout_shrink_kernel<T, true><<<grid, kShrinkThreads, 0, stream>>>(
+        x, A, xa, prm.M, prm.K, prm.R, prm.p, prm.keep_scale, prm.seed);
+  } else {
+    lora_dropout_shrink_kernel<T, false><<<grid, kShrinkThreads, 0, stream>>>(
+        x, A, xa, prm.M, prm.K, prm.R, prm.p, prm.keep_scale, prm.seed);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_typed(const LoraDropoutBackwardParams& prm, cudaStream_t stream) {
+  const int64_t n = prm.M * prm.K;
+  const int64_t groups = (n + 3) / 4;
+  const unsigned blocks = static_cast<unsigned>(
+      std::min((groups + kBackwardThreads - 1) / kBackwardThreads, kMaxGridDim));
+  const T* x = static_cast<const T*>(prm.x);
+  T* dx = static_cast<T*>(prm.dx_lowrank);
+  T* xd = static_cast<T*>(prm.x_dropped);
+  if (vec_aligned<T>(x) && vec_aligned<T>(dx) && vec_aligned<T>(xd)) {
+    lora_dropout_backward_kernel<T, true><<<blocks, kBackwardThreads, 0, stream>>>(
+        x, dx, xd, n, prm.p, prm.keep_scale, prm.seed);
+  } else {
+    lora_dropout_backward_kernel<T, false><<<blocks, kBackwardThreads, 0, stream>>>(
+        x, dx, xd, n, prm.p, prm.keep_scale, prm.seed);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_lora_dropout_shrink(const LoraShrinkParams& params, cudaStream_t stream) {
+  if (params.M == 0 || params.R == 0) return cudaSuccess;
+  switch (params.dtype) {
+    case DType::kFloat32: return shrink_typed<float>(params, stream);
+    case DType::kFloat16: return shrink_typed<__half>(params, stream);
+    case DType::kBFloat16: return shrink_typed<__nv_bfloat16>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_lora_dropout_backward(const LoraDropoutBackwardParams& params,
+                                         cudaStream_t stream) {
+  if (params.M == 0 || params.K == 0) return cudaSuccess;
+  switch (params.dtype) {
+    case DType::kFloat32: return backward_typed<float>(params, stream);
+    case DType::kFloat16: return backward_typed<__half>(params, stream);
+    case DType::kBFloat16: return backward_typed<__nv_bfloat16>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace deltakern

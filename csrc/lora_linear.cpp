@@ -1,0 +1,101 @@
+// lora_linear forward and backward as one device-neutral decomposition: the GEMMs go through
+// ATen (MKL/oneDNN on CPU, cuBLAS on CUDA, accumulating into the output with beta = 1), the
+// dropout parts through the fused kernels of csrc/cpu or csrc/cuda.
+//
+// Inputs arrive 2-D and validated by deltakern/ops/lora_linear.py; the checks here only guard
+// direct calls of torch.ops.deltakern.*.
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace deltakern {
+namespace {
+
+void check_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "deltakern.lora_linear: ", name, " must be 2-D, got ", t.dim(), "-D");
+}
+
+void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed,
+                    at::Tensor& xa) {
+  if (x.is_cuda()) {
+#ifdef DELTAKERN_WITH_CUDA
+    lora_dropout_shrink_cuda(x, lora_A, p, seed, xa);
+    return;
+#else
+    TORCH_CHECK(false, "deltakern._C was built without CUDA kernels");
+#endif
+  }
+  lora_dropout_shrink_cpu(x, lora_A, p, seed, xa);
+}
+
+void dropout_backward(const at::Tensor& x, at::Tensor& dx_lowrank, at::Tensor& x_dropped,
+                      double p, int64_t seed) {
+  if (x.is_cuda()) {
+#ifdef DELTAKERN_WITH_CUDA
+    lora_dropout_backward_cuda(x, dx_lowrank, x_dropped, p, seed);
+    return;
+#else
+    TORCH_CHECK(false, "deltakern._C was built without CUDA kernels");
+#endif
+  }
+  lora_dropout_backward_cpu(x, dx_lowrank, x_dropped, p, seed);
+}
+
+}  // namespace
+
+// out [M, N] = x W^T + b + s * xa B^T with xa [M, R] = drop(x) A^T; returns (out, xa).
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x_in, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const at::Tensor& lora_A_in,
+                                                   const at::Tensor& lora_B, double scaling,
+                                                   double dropout_p, int64_t seed) {
+  check_2d(x_in, "x");
+  check_2d(lora_A_in, "lora_A");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor lora_A = lora_A_in.contiguous();
+  at::Tensor xa;
+  if (dropout_p > 0.0) {
+    xa = at::empty({x.size(0), lora_A.size(0)}, x.options());
+    dropout_shrink(x, lora_A, dropout_p, seed, xa);
+  } else {
+    xa = at::mm(x, lora_A.t());
+  }
+  at::Tensor out = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  out.addmm_(xa, lora_B.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  return {out, xa};
+}
+
+// Returns (dx [M, K], dA [R, K], dB [N, R]) for grad_out [M, N].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
+    double dropout_p, int64_t seed) {
+  check_2d(grad_out_in, "grad_out");
+  check_2d(x_in, "x");
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor dxa = at::mm(grad_out, lora_B);
+  dxa.mul_(scaling);
+  at::Tensor dB = at::mm(grad_out.t(), xa);
+  dB.mul_(scaling);
+  at::Tensor dx;
+  at::Tensor dA;
+  if (dropout_p > 0.0) {
+    // dx starts as the low-rank term, is masked in place, then takes dY W with beta = 1.
+    dx = at::mm(dxa, lora_A);
+    at::Tensor x_dropped = at::empty_like(x);
+    dropout_backward(x, dx, x_dropped, dropout_p, seed);
+    dA = at::mm(dxa.t(), x_dropped);
+    dx.addmm_(grad_out, weight);
+  } else {
+    dA = at::mm(dxa.t(), x);
+    dx = at::mm(grad_out, weight);
+    dx.addmm_(dxa, lora_A);
+  }
+  return {dx, dA, dB};
+}
+
+}  // namespace deltakern

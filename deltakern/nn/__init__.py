@@ -1,0 +1,5 @@
+"""Delta-tuning modules built on deltakern's ops."""
+
+from .lora import LoRALinear
+
+__all__ = ["LoRALinear"]

@@ -1,0 +1,5 @@
+"""Autograd ops with backend dispatch, one file per op."""
+
+from .lora_linear import lora_linear
+
+__all__ = ["lora_linear"]

@@ -1,0 +1,63 @@
+"""Input checks and seeds shared by the ops: every error names the op and the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Dtypes each backend computes in (DESIGN.md, "Op contracts"); reference takes any float dtype.
+BACKEND_DTYPES = {
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+    "reference": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def check_tensor(op: str, name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"deltakern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"deltakern.{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_same(op: str, ref_name: str, ref: torch.Tensor, named: dict[str, torch.Tensor | None]) -> None:
+    """All tensors in ``named`` have ``ref``'s dtype and device."""
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != ref.dtype:
+            raise ValueError(f"deltakern.{op}: {name} has dtype {t.dtype}, expected {ref.dtype} like {ref_name}")
+        if t.device != ref.device:
+            raise ValueError(f"deltakern.{op}: {name} is on {t.device}, expected {ref.device} like {ref_name}")
+
+
+def check_backend_dtype(op: str, backend: str, dtype: torch.dtype) -> None:
+    if dtype not in BACKEND_DTYPES[backend]:
+        names = ", ".join(str(d).removeprefix("torch.") for d in BACKEND_DTYPES[backend])
+        raise ValueError(f"deltakern.{op}: backend {backend!r} computes in {names}; got {dtype}")
+
+
+def check_probability(op: str, name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"deltakern.{op}: {name} must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_finite(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"deltakern.{op}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+SEED_LIMIT = 2**63
+
+
+def resolve_seed(op: str, seed) -> int:
+    """``seed`` checked, or a fresh one from torch's default generator (so ``torch.manual_seed`` repeats runs)."""
+    if seed is None:
+        return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"deltakern.{op}: seed must be an int in [0, 2**63) or None, got {seed!r}")
+    return seed
