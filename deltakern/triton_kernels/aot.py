@@ -1,0 +1,189 @@
+"""Ahead-of-time compilation of the Triton kernels for sm_80 / sm_90, without a GPU.
+
+``compile_kernel`` lowers one ``@triton.jit`` kernel to PTX for a target architecture with
+``triton.compile`` and a ``GPUTarget``, runs Triton's bundled ``ptxas -v`` on the PTX and
+returns a :class:`CompileRecord` (registers, spills, shared memory, tensor-core instructions).
+``lora_compile_records`` does so for every lora_linear kernel and autotune config.
+
+The kernels must have been imported with ``TRITON_INTERPRET`` unset: under the interpreter
+``@triton.jit`` makes interpreter functions, which cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import sm_arch_from_capability
+from triton.runtime.jit import JITFunction
+
+from deltakern.triton_kernels import lora_linear as _lora
+
+ARCHS = (80, 90)
+DTYPES = ("fp16", "bf16")
+# Largest dynamic shared memory per block: 163 KiB on A100 (sm_80), 227 KiB on H100 (sm_90).
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileRecord:
+    """What one kernel compiles to on one target."""
+
+    kernel: str
+    arch: str
+    dtype: str
+    config: dict
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared: int
+    has_mma: bool
+    has_wgmma: bool
+    uses_dot: bool
+
+
+def _jit_function(kernel) -> JITFunction:
+    fn = kernel
+    while not isinstance(fn, JITFunction):
+        if not hasattr(fn, "fn"):
+            raise RuntimeError(
+                f"{kernel!r} is not a Triton JIT function; import deltakern.triton_kernels with "
+                "TRITON_INTERPRET unset to compile ahead of time")
+        fn = fn.fn
+    return fn
+
+
+def ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` on ``ptx``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        # Same register allocator option as Triton's own ptxas call, so the numbers match it.
+        cmd = [knobs.nvidia.ptxas.path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+               str(src), "-o", str(Path(tmp) / "kernel.cubin")]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return registers, int(spills.group(1)), int(spills.group(2))
+
+
+def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
+                   divisible_by_16=(), dtype: str = "") -> CompileRecord:
+    """Compile ``kernel`` (a JIT function or an autotuner around one) for ``sm_<arch>``.
+
+    signature: every runtime argument's Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``, ...);
+    constexprs: the value of every ``tl.constexpr`` argument; divisible_by_16: argument names
+    the runtime would specialise as multiples of 16 (aligned pointers, dimensions).
+    """
+    fn = _jit_function(kernel)
+    full_signature = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    source = triton.compiler.ASTSource(fn=fn, signature=full_signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    registers, spill_stores, spill_loads = ptxas_report(ptx, arch)
+    config = {k: v for k, v in constexprs.items() if k.isupper()}
+    return CompileRecord(
+        kernel=compiled.metadata.name,
+        arch=sm_arch_from_capability(arch),
+        dtype=dtype,
+        config={**config, "num_warps": num_warps, "num_stages": num_stages},
+        registers=registers,
+        spill_stores=spill_stores,
+        spill_loads=spill_loads,
+        shared=compiled.metadata.shared,
+        has_mma=re.search(r"\bmma\.sync\b", ptx) is not None,
+        has_wgmma="wgmma.mma_async" in ptx,
+        uses_dot="tl.dot(" in fn.src,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# lora_linear
+# --------------------------------------------------------------------------------------------
+
+
+def _lora_signatures(dtype: str) -> dict:
+    """Runtime argument types of each lora kernel for ``dtype`` inputs."""
+    t = f"*{dtype}"
+    rng = {"seed": "i64", "p": "fp32", "keep_scale": "fp32"}
+    return {
+        "shrink": {"x_ptr": t, "a_ptr": t, "xa_ptr": t, "M": "i32", "K": "i32", "R": "i32", **rng},
+        "fwd": {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "xa_ptr": t, "b_ptr": t, "out_ptr": t,
+                "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scaling": "fp32"},
+        "dy": {"dy_ptr": t, "b_ptr": t, "xa_ptr": t, "dxa_ptr": t, "db_ptr": "*fp32",
+               "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32"},
+        "da": {"dxa_ptr": t, "x_ptr": t, "da_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32", **rng},
+        "dx": {"dy_ptr": t, "w_ptr": t, "dxa_ptr": t, "a_ptr": t, "dx_ptr": t,
+               "M": "i32", "N": "i32", "K": "i32", "R": "i32", **rng},
+    }
+
+
+# Each kernel with its autotune configs. Flags are set to the heavier variant (dropout on, bias
+# present), so the register and spill numbers are upper bounds for the other variants.
+LORA_KERNELS = {
+    "shrink": (_lora.lora_shrink_kernel, {"HAS_DROPOUT": True}),
+    "fwd": (_lora.lora_fwd_kernel, {"HAS_BIAS": True}),
+    "dy": (_lora.lora_dy_kernel, {}),
+    "da": (_lora.lora_da_kernel, {"HAS_DROPOUT": True}),
+    "dx": (_lora.lora_dx_kernel, {"HAS_DROPOUT": True}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraCompileJob:
+    """One (kernel, autotune config, dtype, arch) to compile."""
+
+    kernel: str
+    config_index: int
+    dtype: str
+    arch: int
+
+    @property
+    def config(self) -> triton.Config:
+        return LORA_KERNELS[self.kernel][0].configs[self.config_index]
+
+    @property
+    def id(self) -> str:
+        c = self.config
+        tile = "x".join(str(v) for k, v in c.kwargs.items() if k.startswith("BLOCK_"))
+        if "M_TILES" in c.kwargs:
+            tile += f"t{c.kwargs['M_TILES']}"
+        return f"{self.kernel}-{tile}-w{c.num_warps}s{c.num_stages}-{self.dtype}-sm{self.arch}"
+
+
+def lora_compile_jobs(dtypes=DTYPES, archs=ARCHS) -> list[LoraCompileJob]:
+    """Every lora kernel x autotune config x dtype x arch (no compilation happens here)."""
+    return [
+        LoraCompileJob(name, i, dtype, arch)
+        for name, (kernel, _) in LORA_KERNELS.items()
+        for i in range(len(kernel.configs))
+        for dtype in dtypes
+        for arch in archs
+    ]
+
+
+def compile_lora_job(job: LoraCompileJob, rank: int = 16) -> CompileRecord:
+    """Compile one job for LoRA rank ``rank`` (BLOCK_R = its padded block)."""
+    kernel, flags = LORA_KERNELS[job.kernel]
+    signature = _lora_signatures(job.dtype)[job.kernel]
+    constexprs = {**flags, **job.config.kwargs, "BLOCK_R": _lora.block_r(rank), "DOT_PRECISION": "tf32"}
+    # Pointers from the caching allocator are 16-byte aligned, and the row lengths (K, N) of real
+    # layers are multiples of 16: the specialisation the JIT makes at run time.
+    divisible = [name for name in signature if name.endswith("_ptr") or name in ("N", "K")]
+    return compile_kernel(kernel, signature, constexprs, job.arch, job.config.num_warps, job.config.num_stages,
+                          divisible_by_16=divisible, dtype=job.dtype)
+
+
+def lora_compile_records(dtypes=DTYPES, archs=ARCHS, rank: int = 16) -> Iterator[CompileRecord]:
+    """Compile records of every lora kernel and autotune config, for each dtype and arch."""
+    for job in lora_compile_jobs(dtypes, archs):
+        yield compile_lora_job(job, rank)

@@ -1,0 +1,171 @@
+"""lora_linear on every backend that runs here against the fp64 reference."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import deltakern
+from deltakern.reference.lora_linear import lora_linear as reference_lora_linear
+from tests.tolerances import assert_close
+
+M_SIZES = (1, 7, 129)
+FEATURES = (1, 13, 96, 257)
+RANKS = (1, 8, 16)
+DROPOUTS = (0.0, 0.1)
+SEED = 1234
+
+# Every (M, in, out, r) for the C++ and reference backends; for Triton, whose interpreter is slow,
+# each M meets each `in` once, with `out` and r cycling so every value of each is covered.
+FULL_SHAPES = list(itertools.product(M_SIZES, FEATURES, FEATURES, RANKS))
+COVERING_SHAPES = [
+    (m, k, FEATURES[(i + 1) % len(FEATURES)], RANKS[i % len(RANKS)])
+    for i, (m, k) in enumerate(itertools.product(M_SIZES, FEATURES))
+]
+
+
+def make_inputs(shape_x, n, r, bias=True, seed=0):
+    """fp64 inputs: x of shape ``shape_x`` (last dim = in), weights scaled to keep outputs O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    k = shape_x[-1]
+    d = torch.float64
+    return {
+        "x": torch.randn(shape_x, generator=g, dtype=d),
+        "weight": torch.randn(n, k, generator=g, dtype=d) / math.sqrt(k),
+        "bias": torch.randn(n, generator=g, dtype=d) if bias else None,
+        "lora_A": torch.randn(r, k, generator=g, dtype=d) / math.sqrt(k),
+        "lora_B": torch.randn(n, r, generator=g, dtype=d) / math.sqrt(r),
+        "grad_out": torch.randn(*shape_x[:-1], n, generator=g, dtype=d),
+    }
+
+
+def run(fn, inputs, dtype, scaling, dropout_p, grad_names=("x", "lora_A", "lora_B")):
+    """Output and gradients of ``fn`` on ``inputs`` cast to ``dtype``."""
+    t = {k: (None if v is None else v.detach().to(dtype, copy=True)) for k, v in inputs.items()}
+    for name in grad_names:
+        t[name].requires_grad_(True)
+    out = fn(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], scaling, dropout_p, SEED)
+    out.backward(t["grad_out"])
+    return out.detach(), {name: t[name].grad for name in grad_names}
+
+
+def run_backend(backend, *args, **kwargs):
+    with deltakern.use_backend(backend):
+        return run(deltakern.lora_linear, *args, **kwargs)
+
+
+def check_against_reference(backend, inputs, dtype, dropout_p, scaling=0.75, grad_names=("x", "lora_A", "lora_B")):
+    out, grads = run_backend(backend, inputs, dtype, scaling, dropout_p, grad_names)
+    ref_out, ref_grads = run(reference_lora_linear, inputs, torch.float64, scaling, dropout_p, grad_names)
+    eager_out, eager_grads = (None, {})
+    if dtype not in (torch.float32, torch.float64):
+        eager_out, eager_grads = run(reference_lora_linear, inputs, dtype, scaling, dropout_p, grad_names)
+    assert out.dtype == dtype
+    assert_close(out, ref_out, eager_out, name=f"{backend} out")
+    for name in grad_names:
+        assert grads[name].dtype == dtype
+        assert_close(grads[name], ref_grads[name], eager_grads.get(name), name=f"{backend} d{name}")
+
+
+def shape_id(shape):
+    return "M{}-in{}-out{}-r{}".format(*shape)
+
+
+@pytest.mark.parametrize("dropout_p", DROPOUTS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", FULL_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_fp32_matches_reference(backend, shape, bias, dropout_p, poison_uninitialized):
+    m, k, n, r = shape
+    check_against_reference(backend, make_inputs((m, k), n, r, bias), torch.float32, dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", DROPOUTS)
+@pytest.mark.parametrize("shape", COVERING_SHAPES, ids=shape_id)
+def test_triton_fp32_matches_reference(shape, dropout_p, poison_uninitialized):
+    m, k, n, r = shape
+    check_against_reference("triton", make_inputs((m, k), n, r, bias=(k + n) % 2 == 0), torch.float32, dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", DROPOUTS)
+@pytest.mark.parametrize("shape", COVERING_SHAPES, ids=shape_id)
+def test_cpu_bf16_matches_reference(shape, dropout_p, poison_uninitialized):
+    m, k, n, r = shape
+    check_against_reference("cpu", make_inputs((m, k), n, r), torch.bfloat16, dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", DROPOUTS)
+@pytest.mark.parametrize("shape_x", [(1, 1, 13), (1, 7, 96), (3, 43, 257)], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_3d_input_matches_reference(backend, shape_x, dropout_p, poison_uninitialized):
+    check_against_reference(backend, make_inputs(shape_x, 13, 8), torch.float32, dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", DROPOUTS)
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_weight_and_bias_gradients_when_trainable(backend, dropout_p):
+    grad_names = ("x", "weight", "bias", "lora_A", "lora_B")
+    inputs = make_inputs((2, 7, 96), 13, 8)
+    check_against_reference(backend, inputs, torch.float32, dropout_p, grad_names=grad_names)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_dropout_mask_is_shared_by_backends(backend):
+    """Same seed, same mask: outputs equal the reference's to rounding, and differ for another seed."""
+    inputs = {k: v.float() for k, v in make_inputs((64, 96), 13, 8, bias=False).items() if v is not None}
+    args = (inputs["x"], inputs["weight"], None, inputs["lora_A"], inputs["lora_B"], 2.0, 0.5)
+    expected = reference_lora_linear(*args, seed=SEED)
+    with deltakern.use_backend(backend):
+        same = deltakern.lora_linear(*args, seed=SEED)
+        other = deltakern.lora_linear(*args, seed=SEED + 1)
+    torch.testing.assert_close(same, expected, atol=2e-5, rtol=2e-5)
+    assert (other - expected).abs().max() > 0.1
+
+
+def test_seed_none_follows_torch_manual_seed():
+    inputs = make_inputs((32, 96), 13, 8)
+    args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], 2.0, 0.5)
+    torch.manual_seed(7)
+    first = deltakern.lora_linear(*args)
+    torch.manual_seed(7)
+    again = deltakern.lora_linear(*args)
+    fresh = deltakern.lora_linear(*args)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, fresh)
+
+
+@pytest.mark.parametrize("dropout_p", DROPOUTS)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_fp64(backend, dropout_p):
+    inputs = make_inputs((5, 7), 6, 3)
+    x, w, b, a, bb = (inputs[k].requires_grad_() for k in ("x", "weight", "bias", "lora_A", "lora_B"))
+
+    def fn(x, w, b, a, bb):
+        return deltakern.lora_linear(x, w, b, a, bb, 0.5, dropout_p, seed=SEED)
+
+    with deltakern.use_backend(backend):
+        assert torch.autograd.gradcheck(fn, (x, w, b, a, bb))
+
+
+@pytest.mark.parametrize("dropout_p", DROPOUTS)
+def test_opcheck_cpu_ops(dropout_p):
+    inputs = make_inputs((7, 13), 5, 3)
+    x, w, b, a, bb, g = (inputs[k].float() for k in ("x", "weight", "bias", "lora_A", "lora_B", "grad_out"))
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.deltakern.lora_linear_fwd.default, (x, w, b, a, bb, 0.5, dropout_p, SEED))
+    xa = x.detach() @ a.detach().t()
+    bwd_args = (g, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, dropout_p, SEED)
+    torch.library.opcheck(torch.ops.deltakern.lora_linear_bwd.default, bwd_args)
+
+
+def test_opcheck_triton_ops():
+    inputs = make_inputs((7, 13), 5, 3)
+    x, w, b, a, bb, g = (inputs[k].float() for k in ("x", "weight", "bias", "lora_A", "lora_B", "grad_out"))
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.deltakern.lora_linear_fwd_triton.default, (x, w, b, a, bb, 0.5, 0.1, SEED))
+    xa = x.detach() @ a.detach().t()
+    bwd_args = (g, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, 0.1, SEED)
+    torch.library.opcheck(torch.ops.deltakern.lora_linear_bwd_triton.default, bwd_args)

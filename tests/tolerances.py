@@ -1,0 +1,35 @@
+"""One table of tolerances for comparing a backend with the fp64 reference.
+
+fp32 and fp64 results must be close in absolute-plus-relative terms. Low-precision results
+follow FlashAttention's rule: the kernel's error against fp64 is at most LOWP_FACTOR times the
+error of PyTorch's own eager computation in that dtype, plus a small floor for outputs whose
+eager error happens to be ~0.
+"""
+
+import torch
+
+# (atol, rtol) against the fp64 reference.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-4, 1e-4),  # reductions here run over up to 257 x 129 terms
+}
+LOWP_FACTOR = 2.0
+# One ulp at the largest magnitude: bf16 keeps 8 significant bits, fp16 11.
+LOWP_FLOOR = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+
+
+def assert_close(actual: torch.Tensor, expected64: torch.Tensor, eager_lowp: torch.Tensor | None = None, name: str = "") -> None:
+    """``actual`` against the fp64 ``expected64``; ``eager_lowp`` is PyTorch eager in actual's dtype."""
+    assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN in result (unwritten or invalid elements)"
+    dtype = actual.dtype
+    if dtype in TOLERANCES:
+        atol, rtol = TOLERANCES[dtype]
+        torch.testing.assert_close(actual.double(), expected64.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        return
+    assert eager_lowp is not None, f"{name}: {dtype} needs the eager result in that dtype"
+    err = (actual.double() - expected64).abs().max().item()
+    eager_err = (eager_lowp.double() - expected64).abs().max().item()
+    scale = max(expected64.abs().max().item(), 1.0)
+    bound = LOWP_FACTOR * eager_err + LOWP_FLOOR[dtype] * scale
+    assert err <= bound, f"{name}: {dtype} error {err:.3g} > {LOWP_FACTOR} x eager error {eager_err:.3g} + floor ({bound:.3g})"
