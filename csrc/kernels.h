@@ -10,9 +10,12 @@ namespace deltakern {
 // xa [M, R] preallocated, all contiguous and of one dtype.
 void lora_dropout_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p,
                              int64_t seed, at::Tensor& xa);
-// One pass: dx_lowrank <- mask * dx_lowrank / (1 - p) in place; x_dropped <- mask * x / (1 - p).
-void lora_dropout_backward_cpu(const at::Tensor& x, at::Tensor& dx_lowrank,
-                               at::Tensor& x_dropped, double p, int64_t seed);
+// The low-rank part of the backward with dropout, in row blocks that stay in cache:
+//   dx [M, K] <- mask * (dxa @ lora_A) / (1 - p)      dA [R, K] <- dxa^T @ drop(x)
+// x [M, K], dxa [M, R], lora_A [R, K] contiguous; dx and dA preallocated.
+void lora_dropout_lowrank_backward_cpu(const at::Tensor& x, const at::Tensor& dxa,
+                                       const at::Tensor& lora_A, double p, int64_t seed,
+                                       at::Tensor& dx, at::Tensor& d_lora_A);
 
 // Bool [rows, cols] keep-mask of the dropout of (seed, p): exposes philox.h to the tests.
 at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double p, int64_t seed);

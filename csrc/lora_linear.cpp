@@ -31,17 +31,22 @@ void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int
   lora_dropout_shrink_cpu(x, lora_A, p, seed, xa);
 }
 
-void dropout_backward(const at::Tensor& x, at::Tensor& dx_lowrank, at::Tensor& x_dropped,
-                      double p, int64_t seed) {
+void dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A,
+                               double p, int64_t seed, at::Tensor& dx, at::Tensor& d_lora_A) {
   if (x.is_cuda()) {
 #ifdef DELTAKERN_WITH_CUDA
-    lora_dropout_backward_cuda(x, dx_lowrank, x_dropped, p, seed);
+    // The low-rank term from cuBLAS, masked in place by one element-wise kernel that also
+    // writes drop(x) for the dA GEMM.
+    at::mm_out(dx, dxa, lora_A);
+    at::Tensor x_dropped = at::empty_like(x);
+    lora_dropout_backward_cuda(x, dx, x_dropped, p, seed);
+    at::mm_out(d_lora_A, dxa.t(), x_dropped);
     return;
 #else
     TORCH_CHECK(false, "deltakern._C was built without CUDA kernels");
 #endif
   }
-  lora_dropout_backward_cpu(x, dx_lowrank, x_dropped, p, seed);
+  lora_dropout_lowrank_backward_cpu(x, dxa, lora_A, p, seed, dx, d_lora_A);
 }
 
 }  // namespace
@@ -63,8 +68,16 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x_in, const
   } else {
     xa = at::mm(x, lora_A.t());
   }
-  at::Tensor out = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  out.addmm_(xa, lora_B.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  // b + s * xa B^T first, then the base GEMM accumulates into it with beta = 1: the GEMM reads
+  // each output tile as it writes it, instead of a second pass over [M, N] afterwards.
+  at::Tensor out;
+  if (bias.has_value()) {
+    out = at::addmm(*bias, xa, lora_B.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  } else {
+    out = at::empty({x.size(0), lora_B.size(0)}, x.options());
+    out.addmm_(xa, lora_B.t(), /*beta=*/0.0, /*alpha=*/scaling);
+  }
+  out.addmm_(x, weight.t());
   return {out, xa};
 }
 
@@ -84,11 +97,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
   at::Tensor dx;
   at::Tensor dA;
   if (dropout_p > 0.0) {
-    // dx starts as the low-rank term, is masked in place, then takes dY W with beta = 1.
-    dx = at::mm(dxa, lora_A);
-    at::Tensor x_dropped = at::empty_like(x);
-    dropout_backward(x, dx, x_dropped, dropout_p, seed);
-    dA = at::mm(dxa.t(), x_dropped);
+    // dx starts as the masked low-rank term, then takes dY W with beta = 1.
+    dx = at::empty_like(x);
+    dA = at::empty(lora_A.sizes(), lora_A.options());
+    dropout_lowrank_backward(x, dxa, lora_A.contiguous(), dropout_p, seed, dx, dA);
     dx.addmm_(grad_out, weight);
   } else {
     dA = at::mm(dxa.t(), x);

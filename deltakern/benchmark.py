@@ -139,3 +139,175 @@ def write_csv(rows: Iterable[Row], path: str) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow(asdict(row))
+
+
+# --------------------------------------------------------------------------------------------
+# lora_linear
+# --------------------------------------------------------------------------------------------
+
+LORA_MODES = ("fwd", "bwd", "full")
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    m: int
+    in_features: int
+    out_features: int
+    r: int
+    dropout_p: float
+
+    def __str__(self) -> str:
+        return f"M={self.m},in={self.in_features},out={self.out_features},r={self.r},p={self.dropout_p:g}"
+
+
+LORA_DEFAULT_SHAPES = (LoraShape(2048, 1024, 1024, 16, 0.1), LoraShape(2048, 1024, 1024, 16, 0.0))
+LORA_QUICK_SHAPES = (LoraShape(256, 256, 256, 8, 0.1),)
+_CHECK_SEED = 20240917
+
+
+class LoraCase:
+    """Inputs of one shape and the providers that compute the same LoRA layer.
+
+    Providers: ``frozen-linear`` (the base ``F.linear`` alone, dx only in backward: the floor the
+    LoRA overhead is measured against), ``reference`` (PEFT's way: a Dropout module, two linears,
+    a scale, an add), ``torch.compile`` of that reference, and ``deltakern-<backend>``.
+    """
+
+    def __init__(self, shape: LoraShape, dtype: torch.dtype, device: str, scaling: float = 2.0):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        s = shape
+
+        def randn(*size, scale=1.0):
+            return (torch.randn(*size, generator=g) * scale).to(dtype=dtype, device=device)
+
+        self.shape, self.dtype, self.device, self.scaling = shape, dtype, device, scaling
+        self.x = randn(s.m, s.in_features).requires_grad_(True)
+        self.weight = randn(s.out_features, s.in_features, scale=s.in_features**-0.5)
+        self.bias = randn(s.out_features)
+        self.lora_A = randn(s.r, s.in_features, scale=s.in_features**-0.5).requires_grad_(True)
+        self.lora_B = randn(s.out_features, s.r, scale=s.r**-0.5).requires_grad_(True)
+        self.grad_out = randn(s.m, s.out_features)
+        self.dropout = torch.nn.Dropout(s.dropout_p)
+
+    # providers: callables x -> y that read the layer's weights from the case
+    def frozen_linear(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def peft_way(self, x):
+        F = torch.nn.functional
+        result = F.linear(x, self.weight, self.bias)
+        return result + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def deltakern(self, backend: str, seed: int | None = None):
+        from .backend import use_backend
+        from .ops.lora_linear import lora_linear
+
+        def run(x):
+            with use_backend(backend):
+                return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.shape.dropout_p, seed)
+
+        return run
+
+    def providers(self, backends: Iterable[str], with_compile: bool = True) -> dict[str, Callable]:
+        found = {"frozen-linear": self.frozen_linear, "reference": self.peft_way}
+        if with_compile:
+            # fallback_random: inductor draws dropout with eager's RNG, so the check below can
+            # rebuild the mask the compiled graph used.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = True
+            found["torch.compile"] = torch.compile(self.peft_way)
+        for backend in backends:
+            found[f"deltakern-{backend}"] = self.deltakern(backend)
+        return found
+
+    def params(self, provider: str) -> list[torch.Tensor]:
+        return [self.x] if provider == "frozen-linear" else [self.x, self.lora_A, self.lora_B]
+
+    def check(self, provider: str, fn: Callable) -> tuple[bool, float]:
+        """Run ``fn`` once and compare output and gradients with fp64 math on the same mask."""
+        params = self.params(provider)
+        for p in params:
+            p.grad = None
+        if provider.startswith("deltakern-"):
+            fn = self.deltakern(provider.removeprefix("deltakern-"), seed=_CHECK_SEED)
+            mask = None
+        else:
+            torch.manual_seed(_CHECK_SEED)
+        out = fn(self.x)
+        out.backward(self.grad_out)
+        results = {"out": out.detach(), **{f"d{i}": p.grad.detach().clone() for i, p in enumerate(params)}}
+        for p in params:
+            p.grad = None
+        if provider.startswith("deltakern-"):
+            from .reference.philox import dropout_keep_mask
+
+            mask = dropout_keep_mask(_CHECK_SEED, self.shape.m, self.shape.in_features, self.shape.dropout_p, device=self.device) if self.shape.dropout_p else None
+        elif self.shape.dropout_p and provider != "frozen-linear":
+            torch.manual_seed(_CHECK_SEED)
+            mask = self.dropout(torch.ones_like(self.x)) != 0
+        else:
+            mask = None
+        expected = self._expected64(params, mask, lora=provider != "frozen-linear")
+        atol, rtol = (1e-3, 1e-3) if self.dtype == torch.float32 else (5e-2, 5e-2)
+        return check_close(results, expected, atol, rtol)
+
+    def _expected64(self, params, mask, lora: bool) -> dict[str, torch.Tensor]:
+        leaves = {id(p): p.detach().double().requires_grad_(True) for p in params}
+        x, a, b = (leaves.get(id(t), t.detach().double()) for t in (self.x, self.lora_A, self.lora_B))
+        F = torch.nn.functional
+        out = F.linear(x, self.weight.double(), self.bias.double())
+        if lora:
+            dropped = x if mask is None else x * mask / (1.0 - self.shape.dropout_p)
+            out = out + self.scaling * F.linear(F.linear(dropped, a), b)
+        out.backward(self.grad_out.double())
+        return {"out": out.detach(), **{f"d{i}": leaves[id(p)].grad for i, p in enumerate(params)}}
+
+    def run_mode(self, provider: str, fn: Callable, mode: str) -> tuple[Callable, Callable | None]:
+        """(timed callable, setup) for ``mode``: fwd builds the graph, bwd runs backward only."""
+        params = self.params(provider)
+
+        def clear():
+            for p in params:
+                p.grad = None
+
+        if mode == "fwd":
+            return (lambda: fn(self.x)), None
+        if mode == "full":
+            return (lambda: (clear(), fn(self.x).backward(self.grad_out))), None
+
+        def setup():
+            clear()
+            return fn(self.x)
+
+        return (lambda out: out.backward(self.grad_out)), setup
+
+    def saved_bytes(self, fn: Callable) -> int:
+        return saved_tensors_bytes(lambda: fn(self.x), exclude=(self.weight, self.bias, self.lora_A, self.lora_B))
+
+
+@dataclass
+class Result:
+    row: Row
+    ok: bool = True
+    detail: str = ""
+
+
+def run_lora(shapes: Iterable[LoraShape], backends: Iterable[str], dtype: torch.dtype, device: str,
+             warmup: int, repeats: int, with_compile: bool = True, progress: Callable[[str], None] = lambda s: None) -> list[Result]:
+    """Time every provider and mode for each shape; check each provider once against fp64."""
+    results: list[Result] = []
+    dtype_name = str(dtype).removeprefix("torch.")
+    for shape in shapes:
+        case = LoraCase(shape, dtype, device)
+        for provider, fn in case.providers(backends, with_compile).items():
+            progress(f"lora {shape} {provider}")
+            ok, worst = case.check(provider, fn)
+            detail = f"max scaled error {worst:.3g}"
+            for mode in LORA_MODES:
+                timed, setup = case.run_mode(provider, fn, mode)
+                p20, p50, p80 = time_ms(timed, setup=setup, warmup=warmup, repeats=repeats, device=device)
+                results.append(Result(Row("lora_linear", provider, mode, str(shape), dtype_name, device, "ms", p20, p50, p80), ok, detail))
+            mb = case.saved_bytes(fn) / 2**20
+            results.append(Result(Row("lora_linear", provider, "full", str(shape), dtype_name, device, "MB", mb, mb, mb), ok, detail))
+    return results

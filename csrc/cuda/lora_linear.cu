@@ -10,7 +10,9 @@
 // fp32 math for every dtype, with explicit conversion intrinsics because torch builds with
 // __CUDA_NO_HALF_OPERATORS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__. All index math is 64-bit.
 // The per-group and per-chunk pieces are __host__ __device__ so a host program can include
-// this file and check their index logic against a plain loop without a GPU.
+// this file and check their index logic against a plain loop without a GPU. They carry no
+// #pragma unroll (g++ warns on it): nvcc fully unrolls their constant-trip loops anyway,
+// which keeps the shrink accumulators in registers (same PTX with and without the pragmas).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -40,13 +42,15 @@ DELTAKERN_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 DELTAKERN_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Dropping multiplies by 0 rather than selecting 0, so NaN and inf propagate as in the
+// reference x * mask / (1 - p) and the CPU kernels.
+
 // Bit l is set when element 4c + l is kept. A uniform is never below 0, so p == 0 keeps
 // everything and Philox is skipped: LoRA without dropout pays nothing for the RNG.
 DELTAKERN_HD unsigned keep_mask(uint64_t seed, int64_t c, float p) {
   if (p <= 0.f) return 0xFu;
   const PhiloxOut r = philox4x32_10(seed, static_cast<uint64_t>(c));
   unsigned mask = 0;
-#pragma unroll
   for (int l = 0; l < 4; ++l) mask |= static_cast<unsigned>(dropout_keep(r.v[l], p)) << l;
   return mask;
 }
@@ -66,10 +70,8 @@ DELTAKERN_HD void load_group(const T* src, int64_t c, int64_t n, float out[4]) {
   const int64_t e0 = 4 * c;
   if (kVec && e0 + 4 <= n) {
     const Group<T> g = *reinterpret_cast<const Group<T>*>(src + e0);
-#pragma unroll
     for (int l = 0; l < 4; ++l) out[l] = to_float(g.v[l]);
   } else {
-#pragma unroll
     for (int l = 0; l < 4; ++l) out[l] = e0 + l < n ? to_float(src[e0 + l]) : 0.f;
   }
 }
@@ -80,11 +82,9 @@ DELTAKERN_HD void store_group(T* dst, int64_t c, int64_t n, const float in[4]) {
   const int64_t e0 = 4 * c;
   if (kVec && e0 + 4 <= n) {
     Group<T> g;
-#pragma unroll
     for (int l = 0; l < 4; ++l) g.v[l] = from_float<T>(in[l]);
     *reinterpret_cast<Group<T>*>(dst + e0) = g;
   } else {
-#pragma unroll
     for (int l = 0; l < 4; ++l) {
       if (e0 + l < n) dst[e0 + l] = from_float<T>(in[l]);
     }
@@ -118,7 +118,7 @@ constexpr int kShrinkRTile = kShrinkWarps * kShrinkRPerWarp;
 constexpr int kShrinkChunk = 256;
 // Groups touching one row's chunk of kc <= kShrinkChunk elements (kShrinkChunk % 4 == 0).
 constexpr int kShrinkGroupsPerRow = kShrinkChunk / 4 + 1;
-static_assert(kShrinkChunk % 4 == 0, "a chunk must span whole groups when aligned");
+static_assert(kShrinkChunk % 4 == 0, "kShrinkGroupsPerRow assumes whole groups per chunk");
 
 // Writes the elements of group lo / 4 + gi that lie in [lo, hi) to xs_row[e - lo], dropped
 // and scaled. Groups past the range are skipped.
@@ -130,10 +130,26 @@ DELTAKERN_HD void stage_group(const T* x, int64_t n, int64_t lo, int64_t hi, int
   float v[4];
   load_group<T, kVec>(x, c, n, v);
   const unsigned keep = keep_mask(seed, c, p);
-#pragma unroll
   for (int l = 0; l < 4; ++l) {
     const int64_t e = 4 * c + l;
-    if (e >= lo && e < hi) xs_row[e - lo] = (keep >> l) & 1u ? v[l] * keep_scale : 0.f;
+    if (e >= lo && e < hi) xs_row[e - lo] = v[l] * ((keep >> l) & 1u ? keep_scale : 0.f);
+  }
+}
+
+// Thread tid's share of staging chunk [k0, k0 + kc) of rows row0 .. row0 + kShrinkRows - 1
+// into xs: slot s = (row b, group gi) for s = tid, tid + kShrinkThreads, ...
+template <typename T, bool kVec>
+DELTAKERN_HD void stage_chunk(const T* x, int64_t M, int64_t K, int64_t row0, int64_t k0, int kc,
+                              int tid, float p, float keep_scale, uint64_t seed,
+                              float (*xs)[kShrinkChunk]) {
+  for (int s = tid; s < kShrinkRows * kShrinkGroupsPerRow; s += kShrinkThreads) {
+    const int b = s / kShrinkGroupsPerRow;
+    // Rows past M stage a copy of row M - 1: their sums are computed but never stored, and
+    // every value read from xs is defined.
+    const int64_t m = min64(row0 + b, M - 1);
+    const int64_t lo = m * K + k0;
+    stage_group<T, kVec>(x, M * K, lo, lo + kc, s % kShrinkGroupsPerRow, p, keep_scale, seed,
+                         xs[b]);
   }
 }
 
@@ -145,14 +161,11 @@ DELTAKERN_HD void accumulate_chunk(const float (*xs)[kShrinkChunk], const T* A, 
                                    float (&acc)[kShrinkRPerWarp][kShrinkRows]) {
   for (int k = lane; k < kc; k += 32) {
     float xv[kShrinkRows];
-#pragma unroll
     for (int b = 0; b < kShrinkRows; ++b) xv[b] = xs[b][k];
-#pragma unroll
     for (int j = 0; j < kShrinkRPerWarp; ++j) {
       const int64_t r = r_first + static_cast<int64_t>(j) * kShrinkWarps;
       if (r < R) {
         const float a = to_float(A[r * K + k0 + k]);
-#pragma unroll
         for (int b = 0; b < kShrinkRows; ++b) acc[j][b] += a * xv[b];
       }
     }
@@ -167,7 +180,6 @@ __global__ void __launch_bounds__(kShrinkThreads)
   __shared__ float xs[kShrinkRows][kShrinkChunk];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t n = M * K;
   const int64_t row_blocks = (M + kShrinkRows - 1) / kShrinkRows;
   const int64_t r_tiles = (R + kShrinkRTile - 1) / kShrinkRTile;
 
@@ -182,15 +194,7 @@ __global__ void __launch_bounds__(kShrinkThreads)
       for (int64_t k0 = 0; k0 < K; k0 += kShrinkChunk) {
         const int kc = static_cast<int>(min64(kShrinkChunk, K - k0));
         __syncthreads();  // the previous chunk's readers are done with xs
-        for (int s = threadIdx.x; s < kShrinkRows * kShrinkGroupsPerRow; s += kShrinkThreads) {
-          const int b = s / kShrinkGroupsPerRow;
-          // Rows past M stage a copy of row M - 1: their sums are computed but never stored,
-          // and every value read from xs is defined.
-          const int64_t m = min64(row0 + b, M - 1);
-          const int64_t lo = m * K + k0;
-          stage_group<T, kVec>(x, n, lo, lo + kc, s % kShrinkGroupsPerRow, p, keep_scale, seed,
-                               xs[b]);
-        }
+        stage_chunk<T, kVec>(x, M, K, row0, k0, kc, threadIdx.x, p, keep_scale, seed, xs);
         __syncthreads();
         accumulate_chunk<T>(xs, A, K, R, k0, kc, r_first, lane, acc);
       }
@@ -203,7 +207,9 @@ __global__ void __launch_bounds__(kShrinkThreads)
         for (int b = 0; b < kShrinkRows; ++b) {
           float v = acc[j][b];
 #pragma unroll
-          for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+          for (int offset = 16; offset > 0; offset /= 2) {
+            v += __shfl_xor_sync(0xffffffffu, v, offset);
+          }
           if (lane == 0 && row0 + b < M) xa[(row0 + b) * R + r] = from_float<T>(v);
         }
       }
@@ -223,11 +229,10 @@ DELTAKERN_HD void dropout_backward_group(const T* x, T* dx, T* x_dropped, int64_
   float xv[4], dv[4];
   load_group<T, kVec>(x, c, n, xv);
   load_group<T, kVec>(dx, c, n, dv);
-#pragma unroll
   for (int l = 0; l < 4; ++l) {
-    const bool kept = (keep >> l) & 1u;
-    xv[l] = kept ? xv[l] * keep_scale : 0.f;
-    dv[l] = kept ? dv[l] * keep_scale : 0.f;
+    const float scale = (keep >> l) & 1u ? keep_scale : 0.f;
+    xv[l] *= scale;
+    dv[l] *= scale;
   }
   store_group<T, kVec>(x_dropped, c, n, xv);
   store_group<T, kVec>(dx, c, n, dv);

@@ -14,14 +14,15 @@ namespace deltakern {
 //   lora_A  [R, K]  row-major, contiguous, params.dtype
 //   xa      [M, R]  row-major, contiguous, params.dtype; every element is written
 // drop() keeps element e = m * K + k when lane e % 4 of philox4x32_10(seed, e / 4) passes
-// dropout_keep(bits, p), and scales kept elements by keep_scale; drop(x) is never
+// dropout_keep(bits, p), and multiplies elements by keep_scale (kept) or 0 (dropped, so NaN
+// and inf propagate as in the reference x * mask / (1 - p)); drop(x) is never
 // materialised. Accumulates in fp32. K == 0 writes zeros; M == 0 or R == 0 launches nothing.
 // Returns the launch error (cudaGetLastError), or cudaErrorInvalidValue for an unknown dtype.
 cudaError_t launch_lora_dropout_shrink(const LoraShrinkParams& params, cudaStream_t stream);
 
 // Dropout part of the LoRA backward, one elementwise pass over the M * K elements:
-//   dx_lowrank [M, K]  in place: keep ? dx_lowrank * keep_scale : 0
-//   x_dropped  [M, K]  out:      keep ? x * keep_scale : 0
+//   dx_lowrank [M, K]  in place: dx_lowrank * (keep ? keep_scale : 0)
+//   x_dropped  [M, K]  out:      x * (keep ? keep_scale : 0)
 //   x          [M, K]  in
 // with the keep mask of launch_lora_dropout_shrink (same seed, p and element numbering).
 // All contiguous, params.dtype, pairwise non-overlapping. M * K == 0 launches nothing.

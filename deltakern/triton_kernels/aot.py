@@ -115,6 +115,8 @@ def _lora_signatures(dtype: str) -> dict:
     """Runtime argument types of each lora kernel for ``dtype`` inputs."""
     t = f"*{dtype}"
     rng = {"seed": "i64", "p": "fp32", "keep_scale": "fp32"}
+    dx = {"dy_ptr": t, "w_ptr": t, "dxa_ptr": t, "a_ptr": t, "dx_ptr": t,
+          "M": "i32", "N": "i32", "K": "i32", "R": "i32", **rng}
     return {
         "shrink": {"x_ptr": t, "a_ptr": t, "xa_ptr": t, "M": "i32", "K": "i32", "R": "i32", **rng},
         "fwd": {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "xa_ptr": t, "b_ptr": t, "out_ptr": t,
@@ -122,19 +124,21 @@ def _lora_signatures(dtype: str) -> dict:
         "dy": {"dy_ptr": t, "b_ptr": t, "xa_ptr": t, "dxa_ptr": t, "db_ptr": "*fp32",
                "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32"},
         "da": {"dxa_ptr": t, "x_ptr": t, "da_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32", **rng},
-        "dx": {"dy_ptr": t, "w_ptr": t, "dxa_ptr": t, "a_ptr": t, "dx_ptr": t,
-               "M": "i32", "N": "i32", "K": "i32", "R": "i32", **rng},
+        "dx": dx,
+        "dx_dropout": dx,
     }
 
 
-# Each kernel with its autotune configs. Flags are set to the heavier variant (dropout on, bias
-# present), so the register and spill numbers are upper bounds for the other variants.
+# Each kernel (an autotuner, hence its configs) with its flags. Flags are set to the heavier
+# variant (dropout on, bias present), so the register and spill numbers bound the other variant;
+# dx has one autotuner per variant because dropout changes which tiles fit in registers.
 LORA_KERNELS = {
     "shrink": (_lora.lora_shrink_kernel, {"HAS_DROPOUT": True}),
     "fwd": (_lora.lora_fwd_kernel, {"HAS_BIAS": True}),
     "dy": (_lora.lora_dy_kernel, {}),
     "da": (_lora.lora_da_kernel, {"HAS_DROPOUT": True}),
-    "dx": (_lora.lora_dx_kernel, {"HAS_DROPOUT": True}),
+    "dx": (_lora.lora_dx_kernel, {"HAS_DROPOUT": False}),
+    "dx_dropout": (_lora.lora_dx_dropout_kernel, {"HAS_DROPOUT": True}),
 }
 
 

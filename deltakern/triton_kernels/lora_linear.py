@@ -44,14 +44,27 @@ GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
 ]
 
+# dx with dropout regenerates the mask for its whole output tile. Triton lowers the Philox
+# rounds op by op over all of a thread's elements, so its live state grows with the elements
+# per thread: at 64 (128x128 tiles on 256 threads) ptxas spills on sm_90 (224 B) and at 128
+# (4 warps) on both targets (17 KB on sm_80). These tiles hold 32 elements per thread: no spills,
+# at most 133 registers.
+DX_DROPOUT_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4),
+]
+
 # Shrink and dA stream x once and produce a thin [*, R] result, so they are memory bound: wide
 # BLOCK_K tiles keep many bytes in flight per CTA, and BLOCK_M 32 / 64 give enough CTAs to fill
-# the GPU when M is a few thousand rows.
+# the GPU when M is a few thousand rows. The x tile is also where the mask is drawn, so tiles
+# keep to 32 elements per thread (see DX_DROPOUT_CONFIGS).
 SHRINK_CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_stages=3, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_stages=4, num_warps=4),
 ]
 
 # dY streams dY once; each CTA adds its [N, R] share of dB with atomics, so taller BLOCK_M
@@ -266,6 +279,7 @@ lora_fwd_kernel = triton.autotune(GEMM_CONFIGS, key=["M", "N", "K"])(_lora_fwd_k
 lora_dy_kernel = triton.autotune(DY_CONFIGS, key=["M", "N", "R"], reset_to_zero=["db_ptr"])(_lora_dy_kernel)
 lora_da_kernel = triton.autotune(DA_CONFIGS, key=["M", "K", "R"], reset_to_zero=["da_ptr"])(_lora_da_kernel)
 lora_dx_kernel = triton.autotune(GEMM_CONFIGS, key=["M", "N", "K"])(_lora_dx_kernel)
+lora_dx_dropout_kernel = triton.autotune(DX_DROPOUT_CONFIGS, key=["M", "N", "K"])(_lora_dx_kernel)
 
 _CONFIG_FAMILY = {
     lora_shrink_kernel: "shrink",
@@ -273,6 +287,7 @@ _CONFIG_FAMILY = {
     lora_dy_kernel: "dy",
     lora_da_kernel: "da",
     lora_dx_kernel: "gemm",
+    lora_dx_dropout_kernel: "gemm",
 }
 
 
@@ -363,7 +378,7 @@ def lora_linear_bwd(grad_out, x, weight, lora_A, lora_B, xa, scaling: float, dro
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     _launch(
-        lora_dx_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
+        lora_dx_dropout_kernel if has_dropout else lora_dx_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
         grad_out, weight, dxa, lora_A, dx, M, N, K, R, seed, dropout_p, keep_scale,
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
