@@ -13,12 +13,34 @@ Environment:
 import glob
 import os
 
+import shutil
+
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit root: $CUDA_HOME, else the real location of nvcc. torch guesses the
+    parent of the nvcc on PATH, which is wrong when that nvcc is a wrapper script (here
+    /usr/local/bin/nvcc wraps /usr/local/cuda/bin/nvcc, and /usr/local has no CUDA headers)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+if _find_cuda_home():
+    os.environ["CUDA_HOME"] = _find_cuda_home()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it at import)
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _want_cuda() -> tuple[bool, str]:

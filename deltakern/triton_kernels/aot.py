@@ -28,6 +28,9 @@ from deltakern.triton_kernels import lora_linear as _lora
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16")
+# LoRA ranks compiled: BLOCK_R 16 covers r <= 16, the usual case; 64 is the largest common rank
+# and the register high-water mark the configs are chosen to fit without spills.
+RANKS = (16, 64)
 # Largest dynamic shared memory per block: 163 KiB on A100 (sm_80), 227 KiB on H100 (sm_90).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -150,6 +153,7 @@ class LoraCompileJob:
     config_index: int
     dtype: str
     arch: int
+    rank: int
 
     @property
     def config(self) -> triton.Config:
@@ -161,25 +165,26 @@ class LoraCompileJob:
         tile = "x".join(str(v) for k, v in c.kwargs.items() if k.startswith("BLOCK_"))
         if "M_TILES" in c.kwargs:
             tile += f"t{c.kwargs['M_TILES']}"
-        return f"{self.kernel}-{tile}-w{c.num_warps}s{c.num_stages}-{self.dtype}-sm{self.arch}"
+        return f"{self.kernel}-{tile}-w{c.num_warps}s{c.num_stages}-r{self.rank}-{self.dtype}-sm{self.arch}"
 
 
-def lora_compile_jobs(dtypes=DTYPES, archs=ARCHS) -> list[LoraCompileJob]:
-    """Every lora kernel x autotune config x dtype x arch (no compilation happens here)."""
+def lora_compile_jobs(dtypes=DTYPES, archs=ARCHS, ranks=RANKS) -> list[LoraCompileJob]:
+    """Every lora kernel x autotune config x rank x dtype x arch (nothing is compiled here)."""
     return [
-        LoraCompileJob(name, i, dtype, arch)
+        LoraCompileJob(name, i, dtype, arch, rank)
         for name, (kernel, _) in LORA_KERNELS.items()
         for i in range(len(kernel.configs))
+        for rank in ranks
         for dtype in dtypes
         for arch in archs
     ]
 
 
-def compile_lora_job(job: LoraCompileJob, rank: int = 16) -> CompileRecord:
-    """Compile one job for LoRA rank ``rank`` (BLOCK_R = its padded block)."""
+def compile_lora_job(job: LoraCompileJob) -> CompileRecord:
+    """Compile one job; its rank sets BLOCK_R."""
     kernel, flags = LORA_KERNELS[job.kernel]
     signature = _lora_signatures(job.dtype)[job.kernel]
-    constexprs = {**flags, **job.config.kwargs, "BLOCK_R": _lora.block_r(rank), "DOT_PRECISION": "tf32"}
+    constexprs = {**flags, **job.config.kwargs, "BLOCK_R": _lora.block_r(job.rank), "DOT_PRECISION": "tf32"}
     # Pointers from the caching allocator are 16-byte aligned, and the row lengths (K, N) of real
     # layers are multiples of 16: the specialisation the JIT makes at run time.
     divisible = [name for name in signature if name.endswith("_ptr") or name in ("N", "K")]
@@ -187,7 +192,7 @@ def compile_lora_job(job: LoraCompileJob, rank: int = 16) -> CompileRecord:
                           divisible_by_16=divisible, dtype=job.dtype)
 
 
-def lora_compile_records(dtypes=DTYPES, archs=ARCHS, rank: int = 16) -> Iterator[CompileRecord]:
-    """Compile records of every lora kernel and autotune config, for each dtype and arch."""
-    for job in lora_compile_jobs(dtypes, archs):
-        yield compile_lora_job(job, rank)
+def lora_compile_records(dtypes=DTYPES, archs=ARCHS, ranks=RANKS) -> Iterator[CompileRecord]:
+    """Compile records of every lora kernel and autotune config, for each rank, dtype and arch."""
+    for job in lora_compile_jobs(dtypes, archs, ranks):
+        yield compile_lora_job(job)

@@ -37,7 +37,7 @@ from deltakern.triton_kernels.rng import dropout_keep
 # memory (at most 96 KiB at 16 bits). GROUP_M = 8 walks tiles in column groups so the W tiles
 # are reused from L2.
 GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
@@ -62,16 +62,16 @@ DX_DROPOUT_CONFIGS = [
 # keep to 32 elements per thread (see DX_DROPOUT_CONFIGS).
 SHRINK_CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_stages=3, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_stages=3, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_stages=4, num_warps=8),
 ]
 
 # dY streams dY once; each CTA adds its [N, R] share of dB with atomics, so taller BLOCK_M
 # (fewer CTAs, fewer atomics: (M / BLOCK_M) * N * R in total) is preferred over 32-row tiles.
 DY_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_stages=3, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_stages=3, num_warps=8),
 ]
 
@@ -81,7 +81,7 @@ DY_CONFIGS = [
 DA_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "M_TILES": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "M_TILES": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "M_TILES": 4}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "M_TILES": 4}, num_stages=3, num_warps=8),
 ]
 
 # The interpreter runs each program in numpy, so one small config (the tl.dot minimum of 16 and
@@ -97,6 +97,10 @@ _INTERPRETER_CONFIG = {
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+# The GEMM kernels take the low-rank term 16 ranks at a time (the mma K step), so its operand
+# tiles stay small whatever the rank.
+_R_CHUNK = tl.constexpr(16)
 
 
 @triton.jit
@@ -156,14 +160,17 @@ def _lora_fwd_kernel(
     # stored), so only the K edge needs a load mask inside the main loop.
     rows = offs_m % M
     cols = offs_n % N
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
     # The low-rank term starts the accumulator instead of ending it: the [BLOCK_M, BLOCK_N]
     # product of xa and B^T is then never live next to the main accumulator, which keeps the
     # register count of the GEMM unchanged (fewer registers than an epilogue, no spills).
-    xa = tl.load(xa_ptr + rows[:, None] * R + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-    b_t = tl.load(b_ptr + cols[None, :] * R + offs_r[:, None], mask=r_ok[:, None], other=0.0)
-    acc = tl.dot(xa, b_t, input_precision=DOT_PRECISION) * scaling
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.static_range(0, BLOCK_R, _R_CHUNK):
+        offs_r = r0 + tl.arange(0, _R_CHUNK)
+        r_ok = offs_r < R
+        xa = tl.load(xa_ptr + rows[:, None] * R + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + cols[None, :] * R + offs_r[:, None], mask=r_ok[:, None], other=0.0)
+        acc = tl.dot(xa, b_t, acc, input_precision=DOT_PRECISION)
+    acc = acc * scaling
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -253,13 +260,15 @@ def _lora_dx_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M
     cols = offs_n % K
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
     # Low-rank term and mask first, for the register reason given in _lora_fwd_kernel; the mask
     # is regenerated here from (seed, element) rather than read back from memory.
-    dxa = tl.load(dxa_ptr + rows[:, None] * R + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-    a = tl.load(a_ptr + offs_r[:, None] * K + cols[None, :], mask=r_ok[:, None], other=0.0)
-    acc = tl.dot(dxa, a, input_precision=DOT_PRECISION)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.static_range(0, BLOCK_R, _R_CHUNK):
+        offs_r = r0 + tl.arange(0, _R_CHUNK)
+        r_ok = offs_r < R
+        dxa = tl.load(dxa_ptr + rows[:, None] * R + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * K + cols[None, :], mask=r_ok[:, None], other=0.0)
+        acc = tl.dot(dxa, a, acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, offs_m[:, None] * K + offs_n[None, :], p)
         acc = tl.where(keep, acc * keep_scale, 0.0)
