@@ -14,20 +14,22 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& bias,
                                                    const at::Tensor& lora_A,
                                                    const at::Tensor& lora_B, double scaling,
-                                                   double dropout_p, int64_t seed);
+                                                   double dropout_p, const at::Tensor& seed);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
-    double dropout_p, int64_t seed);
+    double dropout_p, const at::Tensor& seed);
 }  // namespace deltakern
 
+// The dropout seed is a one-element int64 CPU tensor rather than an int, so that drawing it
+// (torch.randint) stays inside a torch.compile graph instead of breaking it with .item().
 TORCH_LIBRARY(deltakern, m) {
   m.def(
       "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "float scaling, float dropout_p, int seed) -> (Tensor, Tensor)");
+      "float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
   m.def(
       "lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor xa, float scaling, float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+      "Tensor xa, float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
   // Takes no tensor, so it has one catch-all kernel: the CPU port of philox.h, for the tests.
   m.def("dropout_keep_mask(int rows, int cols, float p, int seed) -> Tensor",
         &deltakern::dropout_keep_mask_cpu);

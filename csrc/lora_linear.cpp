@@ -18,6 +18,12 @@ void check_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, "deltakern.lora_linear: ", name, " must be 2-D, got ", t.dim(), "-D");
 }
 
+int64_t read_seed(const at::Tensor& seed) {
+  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "deltakern.lora_linear: seed must be a one-element int64 CPU tensor");
+  return seed.item<int64_t>();
+}
+
 void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed,
                     at::Tensor& xa) {
   if (x.is_cuda()) {
@@ -56,9 +62,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x_in, const
                                                    const std::optional<at::Tensor>& bias,
                                                    const at::Tensor& lora_A_in,
                                                    const at::Tensor& lora_B, double scaling,
-                                                   double dropout_p, int64_t seed) {
+                                                   double dropout_p, const at::Tensor& seed_tensor) {
   check_2d(x_in, "x");
   check_2d(lora_A_in, "lora_A");
+  const int64_t seed = read_seed(seed_tensor);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor lora_A = lora_A_in.contiguous();
   at::Tensor xa;
@@ -85,9 +92,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x_in, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
-    double dropout_p, int64_t seed) {
+    double dropout_p, const at::Tensor& seed_tensor) {
   check_2d(grad_out_in, "grad_out");
   check_2d(x_in, "x");
+  const int64_t seed = read_seed(seed_tensor);
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor x = x_in.contiguous();
   at::Tensor dxa = at::mm(grad_out, lora_B);

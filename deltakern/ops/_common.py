@@ -54,10 +54,13 @@ def check_finite(op: str, name: str, value) -> float:
 SEED_LIMIT = 2**63
 
 
-def resolve_seed(op: str, seed) -> int:
-    """``seed`` checked, or a fresh one from torch's default generator (so ``torch.manual_seed`` repeats runs)."""
-    if seed is None:
-        return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
+def draw_seed() -> torch.Tensor:
+    """A fresh seed from torch's default generator (so ``torch.manual_seed`` repeats runs), as a
+    0-d int64 CPU tensor: no ``.item()``, so torch.compile traces it without a graph break."""
+    return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64)
+
+
+def check_seed(op: str, seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"deltakern.{op}: seed must be an int in [0, 2**63) or None, got {seed!r}")
     return seed

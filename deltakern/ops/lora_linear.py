@@ -19,8 +19,9 @@ from ._common import (
     check_finite,
     check_probability,
     check_same,
+    check_seed,
     check_tensor,
-    resolve_seed,
+    draw_seed,
 )
 
 _OP = "lora_linear"
@@ -35,11 +36,11 @@ def _triton_fwd(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton_kernels.lora_linear import lora_linear_fwd
 
-    return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed.item()))
 
 
 @torch.library.custom_op("deltakern::lora_linear_bwd_triton", mutates_args=())
@@ -52,11 +53,11 @@ def _triton_bwd(
     xa: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton_kernels.lora_linear import lora_linear_bwd
 
-    return lora_linear_bwd(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed)
+    return lora_linear_bwd(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed.item()))
 
 
 def _fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -71,14 +72,14 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
     _, xa = output
     ctx.mark_non_differentiable(xa)
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
-    ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, _grad_xa):
-        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        dx, d_lora_A, d_lora_B = bwd_op(grad_out, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seed)
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        dx, d_lora_A, d_lora_B = bwd_op(grad_out, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed)
         d_weight = grad_out.t().mm(x) if ctx.needs_input_grad[1] else None
         d_bias = grad_out.sum(0) if ctx.needs_input_grad[2] else None
         return dx, d_weight, d_bias, d_lora_A, d_lora_B, None, None, None
@@ -154,7 +155,8 @@ def lora_linear(
         scaling: the LoRA scale, ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
         dropout_p: dropout probability on the LoRA branch's input, in [0, 1).
         seed: Philox seed of the dropout mask, an int in [0, 2**63); None draws one from torch's
-            default generator. Every backend draws the same mask for the same seed.
+            default generator (as a tensor, so torch.compile keeps it in the graph). Every
+            backend draws the same mask for the same seed.
 
     Returns:
         ``[..., out]`` in x's dtype.
@@ -166,12 +168,19 @@ def lora_linear(
     _check_inputs(x, weight, bias, lora_A, lora_B)
     scaling = check_finite(_OP, "scaling", scaling)
     dropout_p = check_probability(_OP, "dropout_p", dropout_p)
-    seed = resolve_seed(_OP, seed) if dropout_p > 0.0 else 0
     backend = select_backend(_OP, x.device.type)
     check_backend_dtype(_OP, backend, x.dtype)
     x2d = x.reshape(-1, x.shape[-1])
+    if seed is not None:
+        check_seed(_OP, seed)
     if backend == "reference":
+        if seed is None:
+            seed = int(draw_seed()) if dropout_p > 0.0 else 0
         out2d = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     else:
-        out2d, _ = _FWD_OPS[backend](x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        if seed is not None:
+            seed_tensor = torch.tensor(seed, dtype=torch.int64)
+        else:  # without dropout the seed is unused: leave torch's generator untouched, as PEFT does
+            seed_tensor = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+        out2d, _ = _FWD_OPS[backend](x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor)
     return out2d.reshape(*x.shape[:-1], weight.shape[0])

@@ -154,9 +154,10 @@ def test_opcheck_cpu_ops(dropout_p):
     x, w, b, a, bb, g = (inputs[k].float() for k in ("x", "weight", "bias", "lora_A", "lora_B", "grad_out"))
     for t in (x, a, bb):
         t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.deltakern.lora_linear_fwd.default, (x, w, b, a, bb, 0.5, dropout_p, SEED))
+    seed = torch.tensor(SEED)
+    torch.library.opcheck(torch.ops.deltakern.lora_linear_fwd.default, (x, w, b, a, bb, 0.5, dropout_p, seed))
     xa = x.detach() @ a.detach().t()
-    bwd_args = (g, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, dropout_p, SEED)
+    bwd_args = (g, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, dropout_p, seed)
     torch.library.opcheck(torch.ops.deltakern.lora_linear_bwd.default, bwd_args)
 
 
@@ -165,7 +166,8 @@ def test_opcheck_triton_ops():
     x, w, b, a, bb, g = (inputs[k].float() for k in ("x", "weight", "bias", "lora_A", "lora_B", "grad_out"))
     for t in (x, a, bb):
         t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.deltakern.lora_linear_fwd_triton.default, (x, w, b, a, bb, 0.5, 0.1, SEED))
+    seed = torch.tensor(SEED)
+    torch.library.opcheck(torch.ops.deltakern.lora_linear_fwd_triton.default, (x, w, b, a, bb, 0.5, 0.1, seed))
     xa = x.detach() @ a.detach().t()
-    bwd_args = (g, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, 0.1, SEED)
+    bwd_args = (g, x.detach(), w, a.detach(), bb.detach(), xa, 0.5, 0.1, seed)
     torch.library.opcheck(torch.ops.deltakern.lora_linear_bwd_triton.default, bwd_args)

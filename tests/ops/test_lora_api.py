@@ -87,7 +87,7 @@ def test_automatic_choice_on_cpu_is_the_cpu_kernel():
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_backward_saves_x_and_xa_not_a_mask(backend):
-    """Saved for backward, apart from the weights: x itself (no copy) and xa [M, r]; no mask."""
+    """Saved for backward, apart from the weights: x itself (no copy), xa [M, r] and the seed; no mask."""
     m, k, n, r = 64, 96, 32, 4
     x, w, b, a, bb = args32(m, k, n, r)
     x.requires_grad_(True)
@@ -96,11 +96,16 @@ def test_backward_saves_x_and_xa_not_a_mask(backend):
     x3 = x.view(4, 16, k)
     with deltakern.use_backend(backend):
         saved = saved_tensors_bytes(lambda: call(x3, w, b, a, bb, 2.0, 0.1, SEED), exclude=(w, b, a, bb))
-    assert saved == x.nbytes + m * r * 4
+    assert saved == x.nbytes + m * r * 4 + 8  # x, xa and the int64 seed
 
 
 @pytest.mark.parametrize("compiler, dropout_p", [("aot_eager", 0.0), ("aot_eager", 0.1), ("inductor", 0.1)])
 def test_torch_compile_fullgraph(compiler, dropout_p):
+    """No graph break, even when the dropout seed is drawn (seed=None): same output and
+    gradients as eager for the same torch.manual_seed (inductor draws random numbers with its
+    own generator unless fallback_random is set)."""
+    import torch._inductor.config
+
     torch._dynamo.reset()
     x, w, b, a, bb = args32(16, 13, 5, 3)
 
@@ -111,16 +116,19 @@ def test_torch_compile_fullgraph(compiler, dropout_p):
             self.b = torch.nn.Parameter(bb.clone())
 
         def forward(self, x):
-            return deltakern.lora_linear(x, w, b, self.a, self.b, 2.0, dropout_p, seed=SEED)
+            return deltakern.lora_linear(x, w, b, self.a, self.b, 2.0, dropout_p)
 
     layer = Layer()
     compiled = torch.compile(layer, fullgraph=True, backend=compiler)
-    eager_out = layer(x)
-    eager_out.sum().backward()
-    eager_grads = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
-    out = compiled(x)
-    out.sum().backward()
+    results = []
+    with torch._inductor.config.patch(fallback_random=True):
+        for fn in (layer, compiled):
+            layer.zero_grad()
+            torch.manual_seed(11)
+            out = fn(x)
+            out.sum().backward()
+            results.append((out.detach(), [p.grad.clone() for p in layer.parameters()]))
+    (eager_out, eager_grads), (out, grads) = results
     torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-6)
-    for g, e in zip((p.grad for p in layer.parameters()), eager_grads):
+    for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
