@@ -93,12 +93,11 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_war
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
     registers, spill_stores, spill_loads = ptxas_report(ptx, arch)
-    config = {k: v for k, v in constexprs.items() if k.isupper()}
     return CompileRecord(
         kernel=compiled.metadata.name,
         arch=sm_arch_from_capability(arch),
         dtype=dtype,
-        config={**config, "num_warps": num_warps, "num_stages": num_stages},
+        config={**constexprs, "num_warps": num_warps, "num_stages": num_stages},
         registers=registers,
         spill_stores=spill_stores,
         spill_loads=spill_loads,
@@ -147,7 +146,7 @@ LORA_KERNELS = {
 
 @dataclasses.dataclass(frozen=True)
 class LoraCompileJob:
-    """One (kernel, autotune config, dtype, arch) to compile."""
+    """One (kernel, autotune config, dtype, arch, LoRA rank) to compile."""
 
     kernel: str
     config_index: int

@@ -25,17 +25,21 @@ import torch
 import triton
 import triton.language as tl
 
-from deltakern.triton_kernels.rng import dropout_keep
+from deltakern.triton_kernels.rng import dropout_keep, philox_seed
 
 # --------------------------------------------------------------------------------------------
 # Autotune configurations (sm_80 / sm_90), one small config for the interpreter
 # --------------------------------------------------------------------------------------------
 
+# Every config below is checked by tests/triton_kernels/test_lora_compile.py to compile without
+# register spills on sm_80 and sm_90 for ranks up to 64 (BLOCK_R 64); larger ranks still run.
+#
 # The two GEMMs use the classic tensor-core tiles. 128x128 is the throughput tile for large
 # problems; 128x64 / 64x128 keep more CTAs in flight when M or N is only a few tiles; BLOCK_K 32
-# with 4 stages and 64 with 3 stages both keep the cp.async / TMA pipeline full within shared
-# memory (at most 96 KiB at 16 bits). GROUP_M = 8 walks tiles in column groups so the W tiles
-# are reused from L2.
+# with 4 stages and 64 with 3 stages keep the cp.async / TMA pipeline full within shared memory
+# (at most 104 KiB). 128x128 tiles run 8 warps: with 4, the low-rank prologue on top of the
+# 128-register accumulator reached 241 registers at rank 16 and spilled at rank 64 on sm_80.
+# GROUP_M = 8 walks tiles in column groups so the W tiles are reused from L2.
 GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
@@ -47,8 +51,8 @@ GEMM_CONFIGS = [
 # dx with dropout regenerates the mask for its whole output tile. Triton lowers the Philox
 # rounds op by op over all of a thread's elements, so its live state grows with the elements
 # per thread: at 64 (128x128 tiles on 256 threads) ptxas spills on sm_90 (224 B) and at 128
-# (4 warps) on both targets (17 KB on sm_80). These tiles hold 32 elements per thread: no spills,
-# at most 133 registers.
+# (4 warps) on both targets (17 KB on sm_80). These tiles hold 32 elements per thread: at most
+# 138 registers on sm_80 and 159 on sm_90 up to rank 64.
 DX_DROPOUT_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8),
@@ -59,7 +63,7 @@ DX_DROPOUT_CONFIGS = [
 # Shrink and dA stream x once and produce a thin [*, R] result, so they are memory bound: wide
 # BLOCK_K tiles keep many bytes in flight per CTA, and BLOCK_M 32 / 64 give enough CTAs to fill
 # the GPU when M is a few thousand rows. The x tile is also where the mask is drawn, so tiles
-# keep to 32 elements per thread (see DX_DROPOUT_CONFIGS).
+# keep to at most 32 elements per thread (see DX_DROPOUT_CONFIGS).
 SHRINK_CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_stages=3, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_stages=3, num_warps=4),
@@ -69,6 +73,8 @@ SHRINK_CONFIGS = [
 
 # dY streams dY once; each CTA adds its [N, R] share of dB with atomics, so taller BLOCK_M
 # (fewer CTAs, fewer atomics: (M / BLOCK_M) * N * R in total) is preferred over 32-row tiles.
+# Its live set grows with the rank (dxa accumulator, xa and the [BLOCK_N, R] dB partial): at
+# rank 64 these use 250-255 registers on sm_80, and 64x128 on 4 warps spilled 412 B.
 DY_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_stages=3, num_warps=8),
@@ -99,7 +105,8 @@ _INTERPRETER_CONFIG = {
 # --------------------------------------------------------------------------------------------
 
 # The GEMM kernels take the low-rank term 16 ranks at a time (the mma K step), so its operand
-# tiles stay small whatever the rank.
+# tiles stay small whatever the rank: at rank 64 the fwd 128x128x32 / 4-warp GEMM went from
+# 408 B of spills (one rank-64 dot) to 8 B.
 _R_CHUNK = tl.constexpr(16)
 
 
@@ -161,8 +168,8 @@ def _lora_fwd_kernel(
     rows = offs_m % M
     cols = offs_n % N
     # The low-rank term starts the accumulator instead of ending it: the [BLOCK_M, BLOCK_N]
-    # product of xa and B^T is then never live next to the main accumulator, which keeps the
-    # register count of the GEMM unchanged (fewer registers than an epilogue, no spills).
+    # product of xa and B^T is then never live next to the main accumulator. As an epilogue,
+    # the 128x128x32 / 4-warp GEMM spilled (20 B on sm_80, 900 B on sm_90); as a prologue, not.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in tl.static_range(0, BLOCK_R, _R_CHUNK):
         offs_r = r0 + tl.arange(0, _R_CHUNK)
@@ -273,7 +280,8 @@ def _lora_dx_kernel(
         keep = dropout_keep(seed, offs_m[:, None] * K + offs_n[None, :], p)
         acc = tl.where(keep, acc * keep_scale, 0.0)
     for n0 in range(0, N, BLOCK_K):
-        offs_red = n0 + tl.arange(0, BLOCK_K)
+        # int64: N * K may pass 2**31 (an LM head), unlike the other loop-index products here.
+        offs_red = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
         red_ok = offs_red < N
         dy = tl.load(dy_ptr + rows[:, None] * N + offs_red[None, :], mask=red_ok[None, :], other=0.0)
         w = tl.load(w_ptr + offs_red[:, None] * K + cols[None, :], mask=red_ok[:, None], other=0.0)
@@ -344,7 +352,7 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     precision = dot_precision(x.dtype)
     _launch(
         lora_shrink_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-        x, lora_A, xa, M, K, R, seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        x, lora_A, xa, M, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     _launch(
@@ -367,9 +375,12 @@ def lora_linear_bwd(grad_out, x, weight, lora_A, lora_B, xa, scaling: float, dro
     lora_A, lora_B, xa = lora_A.contiguous(), lora_B.contiguous(), xa.contiguous()
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    seed = philox_seed(seed)
     has_dropout = dropout_p > 0.0
     keep_scale = 1.0 / (1.0 - dropout_p)
     precision = dot_precision(x.dtype)
+    # dxa is kept in x's dtype, as eager PyTorch rounds it: it feeds the 16-bit tensor-core dots
+    # of the dA and dx kernels.
     dxa = torch.empty((M, R), dtype=x.dtype, device=x.device)
     # dA and dB are sums over M split across CTAs: accumulated in fp32, cast at the end.
     db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
@@ -387,7 +398,8 @@ def lora_linear_bwd(grad_out, x, weight, lora_A, lora_B, xa, scaling: float, dro
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     _launch(
-        lora_dx_dropout_kernel if has_dropout else lora_dx_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
+        lora_dx_dropout_kernel if has_dropout else lora_dx_kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
         grad_out, weight, dxa, lora_A, dx, M, N, K, R, seed, dropout_p, keep_scale,
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )

@@ -15,6 +15,11 @@ import triton.language as tl
 _UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
 
 
+def philox_seed(seed: int) -> int:
+    """The Philox key as the reference reads a Python int seed: its low 64 bits, unsigned."""
+    return seed & 0xFFFF_FFFF_FFFF_FFFF
+
+
 @triton.jit
 def dropout_keep(seed, element, p):
     """Bool block: True where ``element`` (int64 block of linear indices) is kept.
@@ -44,5 +49,5 @@ def dropout_keep_mask(rows: int, cols: int, p: float, seed: int, device) -> torc
     out = torch.empty(rows, cols, dtype=torch.bool, device=device)
     numel = rows * cols
     block = 1024
-    _dropout_keep_mask_kernel[(triton.cdiv(numel, block),)](out, numel, seed, p, BLOCK=block)
+    _dropout_keep_mask_kernel[(triton.cdiv(numel, block),)](out, numel, philox_seed(seed), p, BLOCK=block)
     return out
