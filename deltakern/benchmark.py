@@ -76,26 +76,39 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
     return q[1], statistics.median(samples), q[7]
 
 
-def time_ms(fn: Callable[[], object], *, setup: Callable[[], object] | None = None, warmup: int = 2, repeats: int = 10, device: str = "cpu") -> tuple[float, float, float]:
-    """(p20, p50, p80) milliseconds of ``fn(setup())`` (or ``fn()``), after ``warmup`` untimed calls."""
-    samples = []
+Timed = tuple[Callable, Callable | None]  # (fn, setup): fn(setup()) is timed, or fn() when setup is None
+
+
+def _time_once(fn: Callable, setup: Callable | None, device: str) -> float:
+    arg = setup() if setup is not None else None
+    call = (lambda: fn(arg)) if setup is not None else fn
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    call()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(timed: dict[str, Timed], *, warmup: int = 2, repeats: int = 10, device: str = "cpu") -> dict[str, tuple[float, float, float]]:
+    """(p20, p50, p80) milliseconds of each entry of ``timed``, run in turn within every repeat.
+
+    Interleaving puts the providers under the same machine load in each round, so their ratios
+    hold on a shared, noisy machine where timing one provider after another does not (here,
+    back-to-back runs of one GEMM moved by up to 40% between minutes).
+    """
+    samples: dict[str, list[float]] = {name: [] for name in timed}
     for i in range(warmup + repeats):
-        arg = setup() if setup is not None else None
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn(arg) if setup is not None else fn()
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn(arg) if setup is not None else fn()
-            elapsed = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            samples.append(elapsed)
-    return quantiles(samples)
+        for name, (fn, setup) in timed.items():
+            elapsed = _time_once(fn, setup, device)
+            if i >= warmup:
+                samples[name].append(elapsed)
+    return {name: quantiles(values) for name, values in samples.items()}
 
 
 def saved_tensors_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
@@ -295,19 +308,24 @@ class Result:
 
 def run_lora(shapes: Iterable[LoraShape], backends: Iterable[str], dtype: torch.dtype, device: str,
              warmup: int, repeats: int, with_compile: bool = True, progress: Callable[[str], None] = lambda s: None) -> list[Result]:
-    """Time every provider and mode for each shape; check each provider once against fp64."""
+    """Check each provider once against fp64, then time all providers of a shape interleaved, per mode."""
     results: list[Result] = []
     dtype_name = str(dtype).removeprefix("torch.")
     for shape in shapes:
         case = LoraCase(shape, dtype, device)
-        for provider, fn in case.providers(backends, with_compile).items():
-            progress(f"lora {shape} {provider}")
+        providers = case.providers(backends, with_compile)
+        checks = {}
+        for provider, fn in providers.items():
+            progress(f"lora {shape}: checking {provider}")
             ok, worst = case.check(provider, fn)
-            detail = f"max scaled error {worst:.3g}"
-            for mode in LORA_MODES:
-                timed, setup = case.run_mode(provider, fn, mode)
-                p20, p50, p80 = time_ms(timed, setup=setup, warmup=warmup, repeats=repeats, device=device)
-                results.append(Result(Row("lora_linear", provider, mode, str(shape), dtype_name, device, "ms", p20, p50, p80), ok, detail))
+            checks[provider] = (ok, f"max scaled error {worst:.3g}")
+        for mode in LORA_MODES:
+            progress(f"lora {shape}: timing {mode}")
+            timings = time_interleaved({p: case.run_mode(p, fn, mode) for p, fn in providers.items()},
+                                       warmup=warmup, repeats=repeats, device=device)
+            for provider, (p20, p50, p80) in timings.items():
+                results.append(Result(Row("lora_linear", provider, mode, str(shape), dtype_name, device, "ms", p20, p50, p80), *checks[provider]))
+        for provider, fn in providers.items():
             mb = case.saved_bytes(fn) / 2**20
-            results.append(Result(Row("lora_linear", provider, "full", str(shape), dtype_name, device, "MB", mb, mb, mb), ok, detail))
+            results.append(Result(Row("lora_linear", provider, "full", str(shape), dtype_name, device, "MB", mb, mb, mb), *checks[provider]))
     return results

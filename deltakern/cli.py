@@ -68,14 +68,17 @@ def _bench(args) -> int:
 
 
 def _print_table(results) -> None:
+    from .benchmark import LORA_MODES
+
     by_key = {(r.row.shape, r.row.provider, r.row.mode, r.row.metric): r for r in results}
     header = f"{'shape':<36} {'provider':<18} {'mode':<5} {'p50 ms':>9} {'x ref':>6} {'x base':>7} {'saved MB':>9}  check"
     print(header)
     print("-" * len(header))
-    for r in results:
+    providers = list(dict.fromkeys(r.row.provider for r in results))
+    timed = [r for r in results if r.row.metric == "ms"]
+    timed.sort(key=lambda r: (r.row.shape, providers.index(r.row.provider), LORA_MODES.index(r.row.mode)))
+    for r in timed:
         row = r.row
-        if row.metric != "ms":
-            continue
         ref = by_key.get((row.shape, "reference", row.mode, "ms"))
         base = by_key.get((row.shape, "frozen-linear", row.mode, "ms"))
         saved = by_key.get((row.shape, row.provider, "full", "MB"))

@@ -97,8 +97,10 @@ void lora_dropout_lowrank_backward_cpu(const at::Tensor& x, const at::Tensor& dx
     const opmath_t keep_scale = static_cast<opmath_t>(1.0 / (1.0 - p));
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     // One dA partial per thread, summed at the end: the row blocks of drop(x) never leave the
-    // cache and no [M, K] temporary exists (the unfused version, mask pass writing drop(x) to
-    // memory and one GEMM over it, took 3 ms more per step at M=2048, K=1024, r=16).
+    // cache and no [M, K] temporary exists. Measured at M=2048, K=N=1024, r=16, p=0.1 (whole
+    // backward, interleaved medians): 31.0 ms, against 34.9 ms for the unfused version (one
+    // GEMM for dxa A, a mask pass writing drop(x) to memory, one GEMM over it). Row blocks of
+    // 16 to 128 rows all landed within 0.6 ms of each other.
     at::Tensor partials = at::zeros({at::get_num_threads(), R, K}, opmath);
     at::parallel_for(0, M, kShrinkRows, [&](int64_t row_begin, int64_t row_end) {
       at::Tensor partial = partials[at::get_thread_num()];
