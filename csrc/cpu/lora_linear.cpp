@@ -1,6 +1,7 @@
 // CPU kernels of the LoRA dropout parts: a fused dropout-shrink and the one-pass dropout
 // backward. The large GEMMs stay in ATen (csrc/lora_linear.cpp).
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -72,6 +73,9 @@ void lora_dropout_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A, doub
     const opmath_t keep_scale = static_cast<opmath_t>(1.0 / (1.0 - p));
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, M, kShrinkRows, [&](int64_t row_begin, int64_t row_end) {
+      // OpenMP workers do not inherit the caller's dispatch state: keep the ATen calls below
+      // autograd, as the calling thread is (weights that require grad would be refused).
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor dropped = at::empty({std::min(kShrinkRows, row_end - row_begin), K}, x.options());
       scalar_t* out = dropped.data_ptr<scalar_t>();
       for (int64_t row = row_begin; row < row_end; row += kShrinkRows) {
@@ -104,6 +108,7 @@ void lora_dropout_lowrank_backward_cpu(const at::Tensor& x, const at::Tensor& dx
     // 16 to 128 rows all landed within 0.6 ms of each other.
     at::Tensor partials = at::zeros({at::get_num_threads(), R, K}, opmath);
     at::parallel_for(0, M, kShrinkRows, [&](int64_t row_begin, int64_t row_end) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the shrink
       at::Tensor partial = partials[at::get_thread_num()];
       at::Tensor dropped = at::empty({std::min(kShrinkRows, row_end - row_begin), K}, opmath);
       opmath_t* dropped_data = dropped.data_ptr<opmath_t>();
