@@ -9,8 +9,9 @@ namespace deltakern {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // xa[M, R] = drop(x)[M, K] @ lora_A[R, K]^T, accumulated in fp32 and stored in `dtype`.
-// x, lora_A and xa are row-major and contiguous. drop() keeps element e = m * K + k per
-// philox.h and multiplies kept elements by keep_scale = 1 / (1 - p).
+// x, lora_A and xa are row-major and contiguous. drop() multiplies element e = m * K + k by
+// keep_scale = 1 / (1 - p) when philox.h keeps it and by 0 when it drops it (a product, not a
+// select, so NaN and inf propagate as in the reference x * mask / (1 - p)).
 struct LoraShrinkParams {
   const void* x;
   const void* lora_A;
@@ -22,9 +23,9 @@ struct LoraShrinkParams {
   DType dtype;
 };
 
-// The dropout part of the LoRA backward, one pass over [M, K]:
-//   dx_lowrank[m, k] = keep(m, k) ? dx_lowrank[m, k] * keep_scale : 0   (in place)
-//   x_dropped[m, k]  = keep(m, k) ? x[m, k] * keep_scale : 0
+// The dropout part of the LoRA backward, one pass over [M, K], with f = keep(m, k) ? keep_scale : 0:
+//   dx_lowrank[m, k] = dx_lowrank[m, k] * f   (in place)
+//   x_dropped[m, k]  = x[m, k] * f
 // All three are row-major and contiguous, in `dtype`.
 struct LoraDropoutBackwardParams {
   const void* x;
