@@ -132,3 +132,16 @@ def test_torch_compile_fullgraph(compiler, dropout_p):
     torch.testing.assert_close(out, eager_out, atol=1e-6, rtol=1e-6)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_non_contiguous_inputs(backend, dropout_p):
+    """Transposed views (GPT-2's Conv1D keeps its weight as [in, out]) give the contiguous result."""
+    x, w, b, a, bb = args32(9, 13, 5, 3)
+    views = (x.t().contiguous().t(), w.t().contiguous().t(), b, a.t().contiguous().t(), bb.t().contiguous().t())
+    assert not any(t.is_contiguous() for t in (views[0], views[1], views[3], views[4]))
+    with deltakern.use_backend(backend):
+        expected = call(x, w, b, a, bb, 2.0, dropout_p, SEED)
+        got = call(*views, 2.0, dropout_p, SEED)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
