@@ -125,6 +125,25 @@ def _grouped_tile(rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr
 
 
 @triton.jit
+def _low_rank_tile(left_ptr, right_ptr, rows, cols, R, right_stride_r, right_stride_col,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile of left[rows, :R] @ right[:R, cols].
+
+    left is row-major [*, R]; right[r, c] sits at ``right_ptr + r * right_stride_r + c *
+    right_stride_col`` (B^T for the forward, A for dx). The rank goes _R_CHUNK at a time.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.static_range(0, BLOCK_R, _R_CHUNK):
+        offs_r = r0 + tl.arange(0, _R_CHUNK)
+        r_ok = offs_r < R
+        left = tl.load(left_ptr + rows[:, None] * R + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+        right = tl.load(right_ptr + offs_r[:, None] * right_stride_r + cols[None, :] * right_stride_col,
+                        mask=r_ok[:, None], other=0.0)
+        acc = tl.dot(left, right, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr, M, K, R, seed, p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -170,14 +189,7 @@ def _lora_fwd_kernel(
     # The low-rank term starts the accumulator instead of ending it: the [BLOCK_M, BLOCK_N]
     # product of xa and B^T is then never live next to the main accumulator. As an epilogue,
     # the 128x128x32 / 4-warp GEMM spilled (20 B on sm_80, 900 B on sm_90); as a prologue, not.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.static_range(0, BLOCK_R, _R_CHUNK):
-        offs_r = r0 + tl.arange(0, _R_CHUNK)
-        r_ok = offs_r < R
-        xa = tl.load(xa_ptr + rows[:, None] * R + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + cols[None, :] * R + offs_r[:, None], mask=r_ok[:, None], other=0.0)
-        acc = tl.dot(xa, b_t, acc, input_precision=DOT_PRECISION)
-    acc = acc * scaling
+    acc = _low_rank_tile(xa_ptr, b_ptr, rows, cols, R, 1, R, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION) * scaling
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -269,13 +281,7 @@ def _lora_dx_kernel(
     cols = offs_n % K
     # Low-rank term and mask first, for the register reason given in _lora_fwd_kernel; the mask
     # is regenerated here from (seed, element) rather than read back from memory.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.static_range(0, BLOCK_R, _R_CHUNK):
-        offs_r = r0 + tl.arange(0, _R_CHUNK)
-        r_ok = offs_r < R
-        dxa = tl.load(dxa_ptr + rows[:, None] * R + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * K + cols[None, :], mask=r_ok[:, None], other=0.0)
-        acc = tl.dot(dxa, a, acc, input_precision=DOT_PRECISION)
+    acc = _low_rank_tile(dxa_ptr, a_ptr, rows, cols, R, K, 1, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, offs_m[:, None] * K + offs_n[None, :], p)
         acc = tl.where(keep, acc * keep_scale, 0.0)
