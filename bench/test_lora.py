@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deltakern.backend import availability
-from deltakern.benchmark import LORA_DEFAULT_SHAPES, LORA_MODES, LoraCase
+from deltakern.benchmark import LORA_DEFAULT_SHAPES, MODES, LoraCase
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [
@@ -28,7 +28,7 @@ def cases():
     return built
 
 
-@pytest.mark.parametrize("mode", LORA_MODES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", LORA_DEFAULT_SHAPES, ids=str)
 def test_lora_linear(benchmark, cases, shape, provider, mode):

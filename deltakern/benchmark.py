@@ -154,11 +154,51 @@ def write_csv(rows: Iterable[Row], path: str) -> None:
             writer.writerow(asdict(row))
 
 
+MODES = ("fwd", "bwd", "full")
+
+
+@dataclass
+class Result:
+    row: Row
+    ok: bool = True
+    detail: str = ""
+
+
+def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, repeats: int, with_compile: bool = True,
+              progress: Callable[[str], None] = lambda s: None) -> list[Result]:
+    """Check each provider of each case once against fp64, then time all providers of a case
+    interleaved, per mode, and count their bytes saved for backward.
+
+    A case offers ``shape``, ``dtype``, ``device``, ``providers(backends, with_compile)`` (name ->
+    callable, the baseline first), ``check(provider, fn) -> (ok, worst scaled error)``,
+    ``run_mode(provider, fn, mode) -> (timed, setup)`` and ``saved_bytes(fn)``.
+    """
+    results: list[Result] = []
+    backends = list(backends)
+    for case in cases:
+        shape, device = str(case.shape), case.device
+        dtype_name = str(case.dtype).removeprefix("torch.")
+        providers = case.providers(backends, with_compile)
+        checks = {}
+        for provider, fn in providers.items():
+            progress(f"{op} {shape}: checking {provider}")
+            ok, worst = case.check(provider, fn)
+            checks[provider] = (ok, f"max scaled error {worst:.3g}")
+        for mode in MODES:
+            progress(f"{op} {shape}: timing {mode}")
+            timings = time_interleaved({p: case.run_mode(p, fn, mode) for p, fn in providers.items()},
+                                       warmup=warmup, repeats=repeats, device=device)
+            for provider, (p20, p50, p80) in timings.items():
+                results.append(Result(Row(op, provider, mode, shape, dtype_name, device, "ms", p20, p50, p80), *checks[provider]))
+        for provider, fn in providers.items():
+            mb = case.saved_bytes(fn) / 2**20
+            results.append(Result(Row(op, provider, "full", shape, dtype_name, device, "MB", mb, mb, mb), *checks[provider]))
+    return results
+
+
 # --------------------------------------------------------------------------------------------
 # lora_linear
 # --------------------------------------------------------------------------------------------
-
-LORA_MODES = ("fwd", "bwd", "full")
 
 
 @dataclass(frozen=True)
@@ -299,33 +339,138 @@ class LoraCase:
         return saved_tensors_bytes(lambda: fn(self.x), exclude=(self.weight, self.bias, self.lora_A, self.lora_B))
 
 
-@dataclass
-class Result:
-    row: Row
-    ok: bool = True
-    detail: str = ""
+def lora_cases(shapes: Iterable[LoraShape], dtype: torch.dtype, device: str) -> list[LoraCase]:
+    return [LoraCase(shape, dtype, device) for shape in shapes]
 
 
-def run_lora(shapes: Iterable[LoraShape], backends: Iterable[str], dtype: torch.dtype, device: str,
-             warmup: int, repeats: int, with_compile: bool = True, progress: Callable[[str], None] = lambda s: None) -> list[Result]:
-    """Check each provider once against fp64, then time all providers of a shape interleaved, per mode."""
-    results: list[Result] = []
-    dtype_name = str(dtype).removeprefix("torch.")
-    for shape in shapes:
-        case = LoraCase(shape, dtype, device)
-        providers = case.providers(backends, with_compile)
-        checks = {}
-        for provider, fn in providers.items():
-            progress(f"lora {shape}: checking {provider}")
-            ok, worst = case.check(provider, fn)
-            checks[provider] = (ok, f"max scaled error {worst:.3g}")
-        for mode in LORA_MODES:
-            progress(f"lora {shape}: timing {mode}")
-            timings = time_interleaved({p: case.run_mode(p, fn, mode) for p, fn in providers.items()},
-                                       warmup=warmup, repeats=repeats, device=device)
-            for provider, (p20, p50, p80) in timings.items():
-                results.append(Result(Row("lora_linear", provider, mode, str(shape), dtype_name, device, "ms", p20, p50, p80), *checks[provider]))
-        for provider, fn in providers.items():
-            mb = case.saved_bytes(fn) / 2**20
-            results.append(Result(Row("lora_linear", provider, "full", str(shape), dtype_name, device, "MB", mb, mb, mb), *checks[provider]))
-    return results
+# --------------------------------------------------------------------------------------------
+# prefix_attention
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrefixShape:
+    b: int
+    hq: int
+    hkv: int
+    length: int
+    p: int
+    d: int
+    causal: bool = True
+
+    def __str__(self) -> str:
+        return f"B={self.b},H={self.hq}/{self.hkv},L={self.length},P={self.p},D={self.d}{',causal' if self.causal else ''}"
+
+
+PREFIX_DEFAULT_SHAPES = (PrefixShape(4, 8, 8, 512, 64, 64),)
+PREFIX_QUICK_SHAPES = (PrefixShape(2, 4, 2, 64, 8, 32),)
+
+
+class PrefixCase:
+    """Inputs of one shape and the providers that compute attention over a shared prefix.
+
+    Providers: ``sdpa-no-prefix`` (``F.scaled_dot_product_attention`` with ``is_causal`` over the
+    input alone: a lower bound that ignores the prefix), ``reference`` (PEFT's way: the prefix
+    expanded over the batch, concatenated into K/V, a dense bool mask, SDPA), ``torch.compile`` of
+    that reference, and ``deltakern-<backend>``.
+    """
+
+    GRADS = ("q", "k", "v", "prefix_k", "prefix_v")
+
+    def __init__(self, shape: PrefixShape, dtype: torch.dtype, device: str):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        s = shape
+
+        def randn(*size):
+            return torch.randn(*size, generator=g).to(dtype=dtype, device=device).requires_grad_(True)
+
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.q = randn(s.b, s.hq, s.length, s.d)
+        self.k = randn(s.b, s.hkv, s.length, s.d)
+        self.v = randn(s.b, s.hkv, s.length, s.d)
+        self.prefix_k = randn(s.hkv, s.p, s.d)
+        self.prefix_v = randn(s.hkv, s.p, s.d)
+        self.grad_out = torch.randn(s.b, s.hq, s.length, s.d, generator=g).to(dtype=dtype, device=device)
+
+    def inputs(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.GRADS]
+
+    def sdpa_no_prefix(self, q, k, v, prefix_k, prefix_v):
+        F = torch.nn.functional
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.shape.causal, enable_gqa=self.shape.hq != self.shape.hkv)
+
+    def peft_way(self, q, k, v, prefix_k, prefix_v):
+        b, length, p = self.shape.b, self.shape.length, self.shape.p
+        keys = torch.cat([prefix_k.unsqueeze(0).expand(b, -1, -1, -1), k], dim=2)
+        values = torch.cat([prefix_v.unsqueeze(0).expand(b, -1, -1, -1), v], dim=2)
+        mask = torch.ones(b, 1, length, p + length, dtype=torch.bool, device=q.device)
+        if self.shape.causal:
+            mask[..., p:] = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.shape.hq != self.shape.hkv)
+
+    def deltakern(self, backend: str):
+        from .backend import use_backend
+        from .ops.prefix_attention import prefix_attention
+
+        def run(q, k, v, prefix_k, prefix_v):
+            with use_backend(backend):
+                return prefix_attention(q, k, v, prefix_k, prefix_v, causal=self.shape.causal)
+
+        return run
+
+    def providers(self, backends: Iterable[str], with_compile: bool = True) -> dict[str, Callable]:
+        found = {"sdpa-no-prefix": self.sdpa_no_prefix, "reference": self.peft_way}
+        if with_compile:
+            found["torch.compile"] = torch.compile(self.peft_way)
+        for backend in backends:
+            found[f"deltakern-{backend}"] = self.deltakern(backend)
+        return found
+
+    def params(self, provider: str) -> list[torch.Tensor]:
+        return self.inputs()[:3] if provider == "sdpa-no-prefix" else self.inputs()
+
+    def check(self, provider: str, fn: Callable) -> tuple[bool, float]:
+        from .reference.prefix_attention import prefix_attention as reference
+
+        params = self.params(provider)
+        for t in params:
+            t.grad = None
+        out = fn(*self.inputs())
+        out.backward(self.grad_out)
+        results = {"out": out.detach(), **{f"d{i}": t.grad.detach().clone() for i, t in enumerate(params)}}
+        for t in params:
+            t.grad = None
+        leaves = [t.detach().double().requires_grad_(True) for t in self.inputs()]
+        if provider == "sdpa-no-prefix":  # the same attention with an empty prefix
+            leaves[3], leaves[4] = leaves[3][:, :0], leaves[4][:, :0]
+        expected_out = reference(*leaves, causal=self.shape.causal)
+        expected_out.backward(self.grad_out.double())
+        expected = {"out": expected_out.detach(), **{f"d{i}": leaves[i].grad for i in range(len(params))}}
+        atol, rtol = (1e-3, 1e-3) if self.dtype == torch.float32 else (5e-2, 5e-2)
+        return check_close(results, expected, atol, rtol)
+
+    def run_mode(self, provider: str, fn: Callable, mode: str) -> tuple[Callable, Callable | None]:
+        params = self.params(provider)
+
+        def clear():
+            for t in params:
+                t.grad = None
+
+        if mode == "fwd":
+            return (lambda: fn(*self.inputs())), None
+        if mode == "full":
+            return (lambda: (clear(), fn(*self.inputs()).backward(self.grad_out))), None
+
+        def setup():
+            clear()
+            return fn(*self.inputs())
+
+        return (lambda out: out.backward(self.grad_out)), setup
+
+    def saved_bytes(self, fn: Callable) -> int:
+        return saved_tensors_bytes(lambda: fn(*self.inputs()), exclude=(self.prefix_k, self.prefix_v))
+
+
+def prefix_cases(shapes: Iterable[PrefixShape], dtype: torch.dtype, device: str) -> list[PrefixCase]:
+    return [PrefixCase(shape, dtype, device) for shape in shapes]

@@ -37,12 +37,21 @@ def _info(_args) -> int:
     return 0
 
 
+_OPS = ("lora", "prefix")
+_DEFAULT_OPS = ("lora",)
+
+
 def _bench(args) -> int:
-    from .benchmark import LORA_DEFAULT_SHAPES, LORA_QUICK_SHAPES, run_lora, write_csv
+    from . import benchmark
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("deltakern bench: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in _OPS]
+    if unknown:
+        print(f"deltakern bench: unknown op(s) {', '.join(unknown)}; choose from {', '.join(_OPS)}", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
     if args.backend:
@@ -51,36 +60,47 @@ def _bench(args) -> int:
         # Triton on CPU tensors is its interpreter: a correctness tool, not a contender.
         backends = [b for b, state in availability(device).items()
                     if state == "available" and b != "reference" and not (b == "triton" and device == "cpu")]
-    shapes = LORA_QUICK_SHAPES if args.quick else LORA_DEFAULT_SHAPES
     warmup, repeats = (1, 3) if args.quick else (3, 15)
-    print(f"deltakern bench: lora_linear on {device} {args.dtype}, providers: reference (PEFT's way), "
-          f"torch.compile, {', '.join('deltakern-' + b for b in backends)}; median of {repeats}", flush=True)
-    results = run_lora(shapes, backends, dtype, device, warmup, repeats, with_compile=not args.no_compile,
-                       progress=lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
-    _print_table(results)
-    path = os.path.join(args.out, "lora_linear.csv")
-    write_csv((r.row for r in results), path)
-    print(f"wrote {path}")
-    failed = [r for r in results if not r.ok]
-    for r in failed:
-        print(f"FAIL {r.row.op} {r.row.provider} {r.row.shape}: {r.detail}", file=sys.stderr)
+    suites = {
+        "lora": ("lora_linear", benchmark.lora_cases(
+            benchmark.LORA_QUICK_SHAPES if args.quick else benchmark.LORA_DEFAULT_SHAPES, dtype, device)),
+        "prefix": ("prefix_attention", benchmark.prefix_cases(
+            benchmark.PREFIX_QUICK_SHAPES if args.quick else benchmark.PREFIX_DEFAULT_SHAPES, dtype, device)),
+    }
+    print(f"deltakern bench: {', '.join(ops)} on {device} {args.dtype}; deltakern backends: {', '.join(backends) or 'none'}; "
+          f"median of {repeats} interleaved repeats", flush=True)
+    failed = 0
+    for op in ops:
+        name, cases = suites[op]
+        results = benchmark.run_cases(name, cases, backends, warmup, repeats, with_compile=not args.no_compile,
+                                      progress=lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
+        _print_table(results)
+        path = os.path.join(args.out, f"{name}.csv")
+        benchmark.write_csv((r.row for r in results), path)
+        print(f"wrote {path}\n")
+        for r in results:
+            if not r.ok and r.row.metric == "MB":
+                failed += 1
+                print(f"FAIL {r.row.op} {r.row.provider} {r.row.shape}: {r.detail}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def _print_table(results) -> None:
-    from .benchmark import LORA_MODES
+    """One line per (shape, provider, mode): median, ratio to PEFT's way (``reference``) and to the
+    case's first provider (its floor), bytes saved for backward, and the check."""
+    from .benchmark import MODES
 
+    providers = list(dict.fromkeys(r.row.provider for r in results))
     by_key = {(r.row.shape, r.row.provider, r.row.mode, r.row.metric): r for r in results}
     header = f"{'shape':<36} {'provider':<18} {'mode':<5} {'p50 ms':>9} {'x ref':>6} {'x base':>7} {'saved MB':>9}  check"
     print(header)
     print("-" * len(header))
-    providers = list(dict.fromkeys(r.row.provider for r in results))
     timed = [r for r in results if r.row.metric == "ms"]
-    timed.sort(key=lambda r: (r.row.shape, providers.index(r.row.provider), LORA_MODES.index(r.row.mode)))
+    timed.sort(key=lambda r: (r.row.shape, providers.index(r.row.provider), MODES.index(r.row.mode)))
     for r in timed:
         row = r.row
-        ref = by_key.get((row.shape, "reference", row.mode, "ms"))
-        base = by_key.get((row.shape, "frozen-linear", row.mode, "ms"))
+        ref = by_key[(row.shape, "reference", row.mode, "ms")]
+        base = by_key[(row.shape, providers[0], row.mode, "ms")]
         saved = by_key.get((row.shape, row.provider, "full", "MB"))
         saved_text = f"{saved.row.p50:9.2f}" if saved and row.mode == "full" else " " * 9
         print(f"{row.shape:<36} {row.provider:<18} {row.mode:<5} {row.p50:9.2f} "
@@ -92,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends and how deltakern._C was built").set_defaults(run=_info)
     bench = sub.add_parser("bench", help="time every provider against the reference, checking each result")
+    bench.add_argument("--ops", default=",".join(_DEFAULT_OPS),
+                       help=f"comma-separated ops among {','.join(_OPS)} (default {','.join(_DEFAULT_OPS)})")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (seconds)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

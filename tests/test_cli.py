@@ -17,7 +17,7 @@ def test_info_lists_every_backend(capsys):
 
 
 def test_bench_quick_writes_checked_rows(tmp_path, capsys):
-    assert main(["bench", "--quick", "--no-compile", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--ops", "lora", "--quick", "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out
     with open(tmp_path / "lora_linear.csv") as f:
@@ -36,7 +36,7 @@ def test_bench_quick_writes_checked_rows(tmp_path, capsys):
 def test_bench_marks_a_wrong_result_and_fails(tmp_path, capsys, monkeypatch):
     original = benchmark.LoraCase.peft_way
     monkeypatch.setattr(benchmark.LoraCase, "peft_way", lambda self, x: original(self, x) * 1.01)
-    assert main(["bench", "--quick", "--no-compile", "--out", str(tmp_path)]) == 1
+    assert main(["bench", "--ops", "lora", "--quick", "--no-compile", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert "FAIL lora_linear reference" in captured.err
 
