@@ -7,15 +7,10 @@ the benchmark's extra_info. Speed targets (README) are ratios read from one run,
 
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE, benchmark_provider
 
-from deltakern.backend import availability
 from deltakern.benchmark import LORA_DEFAULT_SHAPES, MODES, LoraCase
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [
-    b for b, state in availability(DEVICE).items()
-    if state == "available" and b != "reference" and not (b == "triton" and DEVICE == "cpu")
-]
 PROVIDERS = ["frozen-linear", "reference", "torch.compile", *(f"deltakern-{b}" for b in BACKENDS)]
 
 
@@ -33,13 +28,4 @@ def cases():
 @pytest.mark.parametrize("shape", LORA_DEFAULT_SHAPES, ids=str)
 def test_lora_linear(benchmark, cases, shape, provider, mode):
     case, providers = cases[shape]
-    fn = providers[provider]
-    ok, worst = case.check(provider, fn)
-    assert ok, f"{provider} differs from fp64 on the same mask: max scaled error {worst:.3g}"
-    benchmark.group = f"lora_linear {shape} {mode}"
-    benchmark.extra_info["saved_MB"] = case.saved_bytes(fn) / 2**20
-    timed, setup = case.run_mode(provider, fn, mode)
-    if setup is None:
-        benchmark.pedantic(timed, rounds=15, warmup_rounds=2)
-    else:
-        benchmark.pedantic(timed, setup=lambda: ((setup(),), {}), rounds=15, warmup_rounds=2)
+    benchmark_provider(benchmark, case, providers[provider], provider, mode, f"lora_linear {shape} {mode}")

@@ -1,0 +1,25 @@
+"""Shared pieces of the pytest-benchmark suites: which providers run here, and one timed case."""
+
+import torch
+
+from deltakern.backend import availability
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton on CPU tensors is its interpreter: a correctness tool, not a contender.
+BACKENDS = [
+    b for b, state in availability(DEVICE).items()
+    if state == "available" and b != "reference" and not (b == "triton" and DEVICE == "cpu")
+]
+
+
+def benchmark_provider(benchmark, case, fn, provider, mode, group):
+    """Check ``provider`` against fp64 on ``case``, then time ``mode`` (15 rounds, 2 warm-up)."""
+    ok, worst = case.check(provider, fn)
+    assert ok, f"{provider} differs from fp64: max scaled error {worst:.3g}"
+    benchmark.group = group
+    benchmark.extra_info["saved_MB"] = case.saved_bytes(fn) / 2**20
+    timed, setup = case.run_mode(provider, fn, mode)
+    if setup is None:
+        benchmark.pedantic(timed, rounds=15, warmup_rounds=2)
+    else:
+        benchmark.pedantic(timed, setup=lambda: ((setup(),), {}), rounds=15, warmup_rounds=2)

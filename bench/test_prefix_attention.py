@@ -1,0 +1,31 @@
+"""prefix_attention through pytest-benchmark: ``pytest bench/test_prefix_attention.py --benchmark-only``.
+
+The same cases as ``deltakern bench --ops prefix``: PEFT's way (prefix expanded and concatenated,
+dense mask, SDPA), SDPA over the input alone (a lower bound ignoring the prefix), torch.compile of
+PEFT's way and each deltakern backend, each checked against the fp64 reference before timing.
+"""
+
+import pytest
+import torch
+from conftest import BACKENDS, DEVICE, benchmark_provider
+
+from deltakern.benchmark import MODES, PREFIX_DEFAULT_SHAPES, PrefixCase
+
+PROVIDERS = ["sdpa-no-prefix", "reference", "torch.compile", *(f"deltakern-{b}" for b in BACKENDS)]
+
+
+@pytest.fixture(scope="module")
+def cases():
+    built = {}
+    for shape in PREFIX_DEFAULT_SHAPES:
+        case = PrefixCase(shape, torch.float32, DEVICE)
+        built[shape] = (case, case.providers(BACKENDS))
+    return built
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", PREFIX_DEFAULT_SHAPES, ids=str)
+def test_prefix_attention(benchmark, cases, shape, provider, mode):
+    case, providers = cases[shape]
+    benchmark_provider(benchmark, case, providers[provider], provider, mode, f"prefix_attention {shape} {mode}")
