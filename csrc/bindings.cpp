@@ -30,6 +30,13 @@ TORCH_LIBRARY(deltakern, m) {
   m.def(
       "lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor xa, float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+      "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "prefix_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
+      "Tensor prefix_v, Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, "
+      "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Takes no tensor, so it has one catch-all kernel: the CPU port of philox.h, for the tests.
   m.def("dropout_keep_mask(int rows, int cols, float p, int seed) -> Tensor",
         &deltakern::dropout_keep_mask_cpu);
@@ -38,12 +45,16 @@ TORCH_LIBRARY(deltakern, m) {
 TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
   m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd);
   m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd);
+  m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cpu);
+  m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cpu);
 }
 
 #ifdef DELTAKERN_WITH_CUDA
 TORCH_LIBRARY_IMPL(deltakern, CUDA, m) {
   m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd);
   m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd);
+  m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cuda);
+  m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cuda);
 }
 #define DELTAKERN_HAS_CUDA_KERNELS 1
 #else

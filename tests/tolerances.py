@@ -28,6 +28,8 @@ def assert_close(actual: torch.Tensor, expected64: torch.Tensor, eager_lowp: tor
         torch.testing.assert_close(actual.double(), expected64.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
         return
     assert eager_lowp is not None, f"{name}: {dtype} needs the eager result in that dtype"
+    if actual.numel() == 0:  # e.g. the gradient of a P = 0 prefix: the shape check is the test
+        return
     err = (actual.double() - expected64).abs().max().item()
     eager_err = (eager_lowp.double() - expected64).abs().max().item()
     scale = max(expected64.abs().max().item(), 1.0)

@@ -3,7 +3,9 @@
 ``compile_kernel`` lowers one ``@triton.jit`` kernel to PTX for a target architecture with
 ``triton.compile`` and a ``GPUTarget``, runs Triton's bundled ``ptxas -v`` on the PTX and
 returns a :class:`CompileRecord` (registers, spills, shared memory, tensor-core instructions).
-``lora_compile_records`` does so for every lora_linear kernel and autotune config.
+Each op describes its kernels once in an :class:`OpSpec` (``OPS``); ``compile_jobs(op)`` lists
+every (kernel, autotune config, variant, dtype, arch) of it and ``compile_job`` compiles one.
+The variant is the size that changes a kernel's tiles: the LoRA rank, the attention head dim.
 
 The kernels must have been imported with ``TRITON_INTERPRET`` unset: under the interpreter
 ``@triton.jit`` makes interpreter functions, which cannot be compiled.
@@ -16,7 +18,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import triton
 from triton import knobs
@@ -25,12 +27,15 @@ from triton.backends.nvidia.compiler import sm_arch_from_capability
 from triton.runtime.jit import JITFunction
 
 from deltakern.triton_kernels import lora_linear as _lora
+from deltakern.triton_kernels import prefix_attention as _attn
 
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16")
 # LoRA ranks compiled: BLOCK_R 16 covers r <= 16, the usual case; 64 is the largest common rank
 # and the register high-water mark the configs are chosen to fit without spills.
 RANKS = (16, 64)
+# Attention head dims compiled: 64, and 128, the register high-water mark (80 and 96 pad to 128).
+HEAD_DIMS = (64, 128)
 # Largest dynamic shared memory per block: 163 KiB on A100 (sm_80), 227 KiB on H100 (sm_90).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -109,8 +114,28 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_war
 
 
 # --------------------------------------------------------------------------------------------
-# lora_linear
+# Ops: their kernels, argument types and variants
 # --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """How to compile the kernels of one op.
+
+    kernels: name -> (autotuner, constexpr flags). Flags are set to the heaviest variant (the
+    one with the most live state), so its register and spill numbers bound the others.
+    signatures: dtype -> kernel name -> runtime argument types.
+    variant_constexprs: (kernel name, variant) -> the constexprs the variant sets.
+    divisible: a kernel's signature -> the runtime arguments the JIT would specialise as
+    multiples of 16.
+    """
+
+    kernels: dict
+    signatures: Callable[[str], dict]
+    variants: tuple
+    variant_tag: str
+    variant_constexprs: Callable[[str, int], dict]
+    divisible: Callable[[dict], tuple]
 
 
 def _lora_signatures(dtype: str) -> dict:
@@ -131,9 +156,8 @@ def _lora_signatures(dtype: str) -> dict:
     }
 
 
-# Each kernel (an autotuner, hence its configs) with its flags. Flags are set to the heavier
-# variant (dropout on, bias present), so the register and spill numbers bound the other variant;
-# dx has one autotuner per variant because dropout changes which tiles fit in registers.
+# Flags at the heavier variant (dropout on, bias present); dx has one autotuner per variant
+# because dropout changes which tiles fit in registers.
 LORA_KERNELS = {
     "shrink": (_lora.lora_shrink_kernel, {"HAS_DROPOUT": True}),
     "fwd": (_lora.lora_fwd_kernel, {"HAS_BIAS": True}),
@@ -144,19 +168,76 @@ LORA_KERNELS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraCompileJob:
-    """One (kernel, autotune config, dtype, arch, LoRA rank) to compile."""
+def _prefix_attention_signatures(dtype: str) -> dict:
+    """Runtime argument types of each prefix_attention kernel for ``dtype`` inputs."""
+    t = f"*{dtype}"
+    inputs = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "pk_ptr": t, "pv_ptr": t, "kpm_ptr": "*u8"}
+    sizes = {"Hq": "i32", "Hkv": "i32", "Lq": "i32", "Lk": "i32", "P": "i32", "scale": "fp32",
+             "LQ_BUCKET": "i32", "LK_BUCKET": "i32"}
+    saved = {"do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+    return {
+        "fwd": {**inputs, "out_ptr": t, "lse_ptr": "*fp32", **sizes},
+        "bwd_preprocess": {"out_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "rows": "i32"},
+        # dprefix in fp32: the shared prefix's atomically summed buffers.
+        "bwd_dkdv": {**inputs, **saved, "dk_ptr": t, "dv_ptr": t, "dpk_ptr": "*fp32", "dpv_ptr": "*fp32", **sizes},
+        "bwd_dq": {**inputs, **saved, "dq_ptr": t, **sizes},
+    }
 
+
+# Flags at the heaviest variant: causal (two key ranges), a padding mask, a shared prefix (atomics).
+_ATTN_FLAGS = {"CAUSAL": True, "HAS_MASK": True, "PREFIX_SHARED": True}
+PREFIX_ATTENTION_KERNELS = {
+    "fwd": (_attn.prefix_attn_fwd_kernel, _ATTN_FLAGS),
+    "bwd_preprocess": (_attn.prefix_attn_bwd_preprocess_kernel, {}),
+    "bwd_dkdv": (_attn.prefix_attn_bwd_dkdv_kernel, _ATTN_FLAGS),
+    "bwd_dq": (_attn.prefix_attn_bwd_dq_kernel, _ATTN_FLAGS),
+}
+
+
+OPS = {
+    "lora_linear": OpSpec(
+        kernels=LORA_KERNELS,
+        signatures=_lora_signatures,
+        variants=RANKS,
+        variant_tag="r",
+        variant_constexprs=lambda kernel, rank: {"BLOCK_R": _lora.block_r(rank), "DOT_PRECISION": "tf32"},
+        # Pointers from the caching allocator are 16-byte aligned, and the row lengths (K, N) of
+        # real layers are multiples of 16: the specialisation the JIT makes at run time.
+        divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name in ("N", "K")),
+    ),
+    "prefix_attention": OpSpec(
+        kernels=PREFIX_ATTENTION_KERNELS,
+        signatures=_prefix_attention_signatures,
+        variants=HEAD_DIMS,
+        variant_tag="d",
+        variant_constexprs=lambda kernel, d: {
+            "HEAD_DIM": d, "BLOCK_D": _attn.block_d(d),
+            **({} if kernel == "bwd_preprocess" else {"DOT_PRECISION": "tf32"})},
+        # Sequence lengths and head counts are arbitrary: only the (16-byte aligned) pointers.
+        divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr")),
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileJob:
+    """One (op kernel, autotune config, dtype, arch, variant) to compile."""
+
+    op: str
     kernel: str
     config_index: int
     dtype: str
     arch: int
-    rank: int
+    variant: int
 
     @property
     def config(self) -> triton.Config:
-        return LORA_KERNELS[self.kernel][0].configs[self.config_index]
+        return OPS[self.op].kernels[self.kernel][0].configs[self.config_index]
 
     @property
     def id(self) -> str:
@@ -164,34 +245,49 @@ class LoraCompileJob:
         tile = "x".join(str(v) for k, v in c.kwargs.items() if k.startswith("BLOCK_"))
         if "M_TILES" in c.kwargs:
             tile += f"t{c.kwargs['M_TILES']}"
-        return f"{self.kernel}-{tile}-w{c.num_warps}s{c.num_stages}-r{self.rank}-{self.dtype}-sm{self.arch}"
+        variant = f"{OPS[self.op].variant_tag}{self.variant}"
+        return f"{self.kernel}-{tile}-w{c.num_warps}s{c.num_stages}-{variant}-{self.dtype}-sm{self.arch}"
 
 
-def lora_compile_jobs(dtypes=DTYPES, archs=ARCHS, ranks=RANKS) -> list[LoraCompileJob]:
-    """Every lora kernel x autotune config x rank x dtype x arch (nothing is compiled here)."""
+def compile_jobs(op: str, dtypes=DTYPES, archs=ARCHS, variants=None) -> list[CompileJob]:
+    """Every kernel x autotune config x variant x dtype x arch of ``op`` (nothing is compiled here)."""
+    spec = OPS[op]
     return [
-        LoraCompileJob(name, i, dtype, arch, rank)
-        for name, (kernel, _) in LORA_KERNELS.items()
+        CompileJob(op, name, i, dtype, arch, variant)
+        for name, (kernel, _) in spec.kernels.items()
         for i in range(len(kernel.configs))
-        for rank in ranks
+        for variant in (spec.variants if variants is None else variants)
         for dtype in dtypes
         for arch in archs
     ]
 
 
-def compile_lora_job(job: LoraCompileJob) -> CompileRecord:
-    """Compile one job; its rank sets BLOCK_R."""
-    kernel, flags = LORA_KERNELS[job.kernel]
-    signature = _lora_signatures(job.dtype)[job.kernel]
-    constexprs = {**flags, **job.config.kwargs, "BLOCK_R": _lora.block_r(job.rank), "DOT_PRECISION": "tf32"}
-    # Pointers from the caching allocator are 16-byte aligned, and the row lengths (K, N) of real
-    # layers are multiples of 16: the specialisation the JIT makes at run time.
-    divisible = [name for name in signature if name.endswith("_ptr") or name in ("N", "K")]
+def compile_job(job: CompileJob) -> CompileRecord:
+    """Compile one job."""
+    spec = OPS[job.op]
+    kernel, flags = spec.kernels[job.kernel]
+    signature = spec.signatures(job.dtype)[job.kernel]
+    constexprs = {**flags, **job.config.kwargs, **spec.variant_constexprs(job.kernel, job.variant)}
     return compile_kernel(kernel, signature, constexprs, job.arch, job.config.num_warps, job.config.num_stages,
-                          divisible_by_16=divisible, dtype=job.dtype)
+                          divisible_by_16=spec.divisible(signature), dtype=job.dtype)
+
+
+def compile_records(op: str, dtypes=DTYPES, archs=ARCHS, variants=None) -> Iterator[CompileRecord]:
+    """Compile records of every kernel and autotune config of ``op``, for each variant, dtype and arch."""
+    for job in compile_jobs(op, dtypes, archs, variants):
+        yield compile_job(job)
+
+
+# lora_linear names kept for callers (tests/triton_kernels/test_lora_compile.py).
+LoraCompileJob = CompileJob
+compile_lora_job = compile_job
+
+
+def lora_compile_jobs(dtypes=DTYPES, archs=ARCHS, ranks=RANKS) -> list[CompileJob]:
+    """Every lora kernel x autotune config x rank x dtype x arch (nothing is compiled here)."""
+    return compile_jobs("lora_linear", dtypes, archs, ranks)
 
 
 def lora_compile_records(dtypes=DTYPES, archs=ARCHS, ranks=RANKS) -> Iterator[CompileRecord]:
     """Compile records of every lora kernel and autotune config, for each rank, dtype and arch."""
-    for job in lora_compile_jobs(dtypes, archs, ranks):
-        yield compile_lora_job(job)
+    return compile_records("lora_linear", dtypes, archs, ranks)
