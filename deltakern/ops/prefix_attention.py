@@ -16,7 +16,7 @@ import torch
 from .. import _native
 from ..backend import select_backend
 from ..reference import prefix_attention as reference
-from ._common import check_backend_dtype, check_same, check_tensor
+from ._common import check_backend_dtype, check_finite, check_same, check_tensor
 
 _OP = "prefix_attention"
 
@@ -175,17 +175,14 @@ def prefix_attention(
         BackendUnavailableError: a forced backend cannot run this call.
     """
     _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"deltakern.{_OP}: scale must be a finite number or None, got {scale!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_finite(_OP, "scale", scale)
     backend = select_backend(_OP, q.device.type)
     check_backend_dtype(_OP, backend, q.dtype)
     if backend == "reference":
         return reference.prefix_attention(
-            q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask, scale=float(scale)
+            q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask, scale=scale
         )
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     tensors = (t.contiguous() for t in (q, k, v, prefix_k, prefix_v))
-    out, _ = _FWD_OPS[backend](*tensors, mask, bool(causal), float(scale))
+    out, _ = _FWD_OPS[backend](*tensors, mask, bool(causal), scale)
     return out

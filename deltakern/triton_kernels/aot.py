@@ -18,7 +18,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import triton
 from triton import knobs
@@ -270,24 +270,3 @@ def compile_job(job: CompileJob) -> CompileRecord:
     constexprs = {**flags, **job.config.kwargs, **spec.variant_constexprs(job.kernel, job.variant)}
     return compile_kernel(kernel, signature, constexprs, job.arch, job.config.num_warps, job.config.num_stages,
                           divisible_by_16=spec.divisible(signature), dtype=job.dtype)
-
-
-def compile_records(op: str, dtypes=DTYPES, archs=ARCHS, variants=None) -> Iterator[CompileRecord]:
-    """Compile records of every kernel and autotune config of ``op``, for each variant, dtype and arch."""
-    for job in compile_jobs(op, dtypes, archs, variants):
-        yield compile_job(job)
-
-
-# lora_linear names kept for callers (tests/triton_kernels/test_lora_compile.py).
-LoraCompileJob = CompileJob
-compile_lora_job = compile_job
-
-
-def lora_compile_jobs(dtypes=DTYPES, archs=ARCHS, ranks=RANKS) -> list[CompileJob]:
-    """Every lora kernel x autotune config x rank x dtype x arch (nothing is compiled here)."""
-    return compile_jobs("lora_linear", dtypes, archs, ranks)
-
-
-def lora_compile_records(dtypes=DTYPES, archs=ARCHS, ranks=RANKS) -> Iterator[CompileRecord]:
-    """Compile records of every lora kernel and autotune config, for each rank, dtype and arch."""
-    return compile_records("lora_linear", dtypes, archs, ranks)

@@ -191,3 +191,59 @@ def test_bad_inputs_name_the_argument(change, message):
     change(inputs)
     with pytest.raises(ValueError, match=r"deltakern\.prefix_attention: " + __import__("re").escape(message)):
         prefix_attention(inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"], key_padding_mask=inputs["mask"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_explicit_scale_and_hf_layout(backend):
+    """A non-default scale, and q/k/v as Hugging Face models produce them: [B, L, H, D] projections
+    viewed as [B, H, L, D] (non-contiguous), with a prefix sliced out of PrefixEncoder's flat rows."""
+    case = Case(2, 4, 2, 9, 9, 5, 16, True, "left", True)
+    inputs = make_inputs(case)
+    t = {k: inputs[k].float() for k in GRADS}
+    q, k, v = (t[n].transpose(1, 2).contiguous().transpose(1, 2) for n in ("q", "k", "v"))
+    flat = torch.cat([t["prefix_k"], t["prefix_v"]], dim=-1)  # [Hkv, P, 2D]
+    prefix_k, prefix_v = flat[..., :16], flat[..., 16:]
+    assert not any(x.is_contiguous() for x in (q, k, v, prefix_k, prefix_v))
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v, prefix_k, prefix_v)]
+    with deltakern.use_backend(backend):
+        out = prefix_attention(*leaves, key_padding_mask=inputs["mask"], scale=0.3)
+    out.backward(inputs["grad_out"].float())
+    ref = [inputs[n].detach().requires_grad_(True) for n in GRADS]
+    ref_out = reference_prefix_attention(*ref, key_padding_mask=inputs["mask"], scale=0.3)
+    ref_out.backward(inputs["grad_out"])
+    assert_close(out.detach(), ref_out.detach(), name=f"{backend} out")
+    for name, x, r in zip(GRADS, leaves, ref):
+        assert_close(x.grad, r.grad, name=f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph(backend):
+    """The op traces into one graph (fake kernels registered), forward and backward."""
+    case = Case(2, 2, 1, 7, 7, 3, 16, True, "right", True)
+    inputs = make_inputs(case)
+
+    def step(q, k, v, pk, pv):
+        return prefix_attention(q, k, v, pk, pv, key_padding_mask=inputs["mask"]).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        leaves = [inputs[n].float().requires_grad_(True) for n in GRADS]
+        with deltakern.use_backend(backend):
+            loss = fn(*leaves)
+        loss.backward()
+        results.append((loss.detach(), [x.grad for x in leaves]))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    # fp32 rounding only: AOTAutograd may order the loss's own backward differently.
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-6, rtol=1e-6)
+    for e, c in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-5)
+
+
+def test_backend_dtype_and_scale_errors():
+    inputs = make_inputs(Case(1, 1, 1, 3, 3, 2, 16, True, "none", True))
+    half = [inputs[n].half() for n in GRADS]
+    with deltakern.use_backend("cpu"), pytest.raises(ValueError, match=r"deltakern\.prefix_attention: backend 'cpu' computes in float32, bfloat16, float64; got torch.float16"):
+        prefix_attention(*half)
+    with pytest.raises(ValueError, match=r"deltakern\.prefix_attention: scale must be a finite number, got nan"):
+        prefix_attention(*[inputs[n] for n in GRADS], scale=float("nan"))
