@@ -3,6 +3,7 @@
 import torch
 
 from deltakern.backend import availability
+from deltakern.benchmark import peak_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton on CPU tensors is its interpreter: a correctness tool, not a contender.
@@ -18,6 +19,8 @@ def benchmark_provider(benchmark, case, fn, provider, mode, group):
     assert ok, f"{provider} differs from fp64: max scaled error {worst:.3g}"
     benchmark.group = group
     benchmark.extra_info["saved_MB"] = case.saved_bytes(fn) / 2**20
+    full_step, _ = case.run_mode(provider, fn, "full")
+    benchmark.extra_info["peak_MB"] = peak_bytes(full_step, case.device) / 2**20
     timed, setup = case.run_mode(provider, fn, mode)
     if setup is None:
         benchmark.pedantic(timed, rounds=15, warmup_rounds=2)

@@ -1,14 +1,18 @@
 """The benchmark harness: medians of repeated timings, results checked against the reference in
 the same run, and tidy CSV rows (DESIGN.md, "Benchmarks").
 
-Row columns: op, provider, mode (fwd|bwd|full), shape, dtype, device, metric (ms|MB), p20, p50,
-p80, versions, git_sha, timestamp. Times come from ``time.perf_counter`` on CPU and CUDA events
-on GPU; bytes saved for backward are counted over unique storages with
-``torch.autograd.graph.saved_tensors_hooks``.
+Row columns: op, provider, mode (fwd|bwd|full), shape, dtype, device, metric (ms, saved_MB or
+peak_MB), p20, p50, p80, versions, git_sha, timestamp. Times come from ``time.perf_counter`` on CPU
+and CUDA events on GPU; bytes saved for backward are counted over unique storages with
+``torch.autograd.graph.saved_tensors_hooks``; the peak memory of a full step is the high-water mark
+of the bytes it allocates (the CUDA caching allocator's statistics on GPU, the profiler's record of
+every CPU allocation on CPU).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import csv
 import datetime
 import math
@@ -131,6 +135,56 @@ def saved_tensors_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor
     return sum(storages.values())
 
 
+@contextlib.contextmanager
+def _quiet_fds():
+    """Silences file descriptors 1 and 2: the profiler's native code prints start/stop lines there."""
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as devnull:
+        try:
+            os.dup2(devnull.fileno(), 1)
+            os.dup2(devnull.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated when it started.
+
+    On CUDA, the caching allocator's peak statistic. On CPU, which keeps no such statistic, the
+    profiler's memory timeline: every tensor allocation and free through torch's allocator (those
+    made inside native kernels included; a kernel's private ``std::vector`` scratch is not).
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile
+
+    # record_shapes gives each tensor its own key in the timeline, so the frees of tensors that
+    # existed before fn (the previous step's gradients) can be told from those of fn's own.
+    with _quiet_fds(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        fn()
+    live = peak = 0
+    created: collections.Counter = collections.Counter()
+    for _, action, (key, _version), size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == Action.CREATE:
+            created[key] += 1
+            live += size
+        elif action == Action.DESTROY and created[key] > 0:
+            created[key] -= 1
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
 
@@ -167,7 +221,7 @@ class Result:
 def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, repeats: int, with_compile: bool = True,
               progress: Callable[[str], None] = lambda s: None) -> list[Result]:
     """Check each provider of each case once against fp64, then time all providers of a case
-    interleaved, per mode, and count their bytes saved for backward.
+    interleaved, per mode, and count their bytes saved for backward and the peak memory of a step.
 
     A case offers ``shape``, ``dtype``, ``device``, ``providers(backends, with_compile)`` (name ->
     callable, the baseline first), ``check(provider, fn) -> (ok, worst scaled error)``,
@@ -191,8 +245,10 @@ def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, re
             for provider, (p20, p50, p80) in timings.items():
                 results.append(Result(Row(op, provider, mode, shape, dtype_name, device, "ms", p20, p50, p80), *checks[provider]))
         for provider, fn in providers.items():
-            mb = case.saved_bytes(fn) / 2**20
-            results.append(Result(Row(op, provider, "full", shape, dtype_name, device, "MB", mb, mb, mb), *checks[provider]))
+            step, _ = case.run_mode(provider, fn, "full")
+            for metric, nbytes in (("saved_MB", case.saved_bytes(fn)), ("peak_MB", peak_bytes(step, device))):
+                mb = nbytes / 2**20
+                results.append(Result(Row(op, provider, "full", shape, dtype_name, device, metric, mb, mb, mb), *checks[provider]))
     return results
 
 

@@ -38,7 +38,7 @@ def _info(_args) -> int:
 
 
 _OPS = ("lora", "prefix")
-_DEFAULT_OPS = ("lora",)
+_DEFAULT_OPS = ("lora", "prefix")
 
 
 def _bench(args) -> int:
@@ -79,7 +79,7 @@ def _bench(args) -> int:
         benchmark.write_csv((r.row for r in results), path)
         print(f"wrote {path}\n")
         for r in results:
-            if not r.ok and r.row.metric == "MB":
+            if not r.ok and r.row.metric == "saved_MB":
                 failed += 1
                 print(f"FAIL {r.row.op} {r.row.provider} {r.row.shape}: {r.detail}", file=sys.stderr)
     return 1 if failed else 0
@@ -87,12 +87,13 @@ def _bench(args) -> int:
 
 def _print_table(results) -> None:
     """One line per (shape, provider, mode): median, ratio to PEFT's way (``reference``) and to the
-    case's first provider (its floor), bytes saved for backward, and the check."""
+    case's first provider (its floor); for the full step the bytes saved for backward and the
+    peak memory; and the check."""
     from .benchmark import MODES
 
     providers = list(dict.fromkeys(r.row.provider for r in results))
     by_key = {(r.row.shape, r.row.provider, r.row.mode, r.row.metric): r for r in results}
-    header = f"{'shape':<36} {'provider':<18} {'mode':<5} {'p50 ms':>9} {'x ref':>6} {'x base':>7} {'saved MB':>9}  check"
+    header = f"{'shape':<36} {'provider':<18} {'mode':<5} {'p50 ms':>9} {'x ref':>6} {'x base':>7} {'saved MB':>9} {'peak MB':>8}  check"
     print(header)
     print("-" * len(header))
     timed = [r for r in results if r.row.metric == "ms"]
@@ -101,10 +102,13 @@ def _print_table(results) -> None:
         row = r.row
         ref = by_key[(row.shape, "reference", row.mode, "ms")]
         base = by_key[(row.shape, providers[0], row.mode, "ms")]
-        saved = by_key.get((row.shape, row.provider, "full", "MB"))
-        saved_text = f"{saved.row.p50:9.2f}" if saved and row.mode == "full" else " " * 9
+        memory = " " * 18
+        if row.mode == "full":
+            saved = by_key[(row.shape, row.provider, "full", "saved_MB")].row.p50
+            peak = by_key[(row.shape, row.provider, "full", "peak_MB")].row.p50
+            memory = f"{saved:9.2f} {peak:8.2f}"
         print(f"{row.shape:<36} {row.provider:<18} {row.mode:<5} {row.p50:9.2f} "
-              f"{row.p50 / ref.row.p50:6.2f} {row.p50 / base.row.p50:7.2f} {saved_text}  {'ok' if r.ok else 'FAIL'}")
+              f"{row.p50 / ref.row.p50:6.2f} {row.p50 / base.row.p50:7.2f} {memory}  {'ok' if r.ok else 'FAIL'}")
 
 
 def main(argv: list[str] | None = None) -> int:
