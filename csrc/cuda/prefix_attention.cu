@@ -25,7 +25,9 @@
 // The per-block bodies are __host__ __device__ templates over a context (thread index,
 // barriers, warp reductions, atomics): the kernels pass DeviceCtx, and a host program can
 // include this file and drive them with threads standing in for the lanes, checking the index
-// and masking logic against a plain loop without a GPU. All global index math is 64-bit.
+// and masking logic without a GPU. tests/csrc/prefix_attention_cuda_host.cu does so (128 OS
+// threads per block), and tests/csrc/test_prefix_attention_cuda_host.py checks its results
+// against the fp64 reference. All global index math is 64-bit.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

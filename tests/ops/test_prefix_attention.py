@@ -36,7 +36,8 @@ class Case:
 # The grid, covered case by case (every value of every axis appears): P in {0, 1, 16};
 # Lq = Lk in {1, 17, 128}; decode (Lq = 1 and 3 with Lk = 40); Hq/Hkv in {1, 2, 4}; D in {16, 64};
 # causal and not; left and right padding; shared and per-batch prefixes; rows whose input keys
-# are all padded; rows with no visible key at all (P = 0 with all keys padded, or Lq > Lk).
+# are all padded; rows with no visible key at all (P = 0 with all keys padded, or Lq > Lk);
+# and a padded head dim.
 CASES = [
     Case(1, 1, 1, 1, 1, 0, 16, True, "none", True),
     Case(2, 2, 1, 17, 17, 1, 16, True, "left", True),
@@ -48,6 +49,8 @@ CASES = [
     Case(2, 2, 1, 17, 17, 0, 16, True, "all", True),
     Case(1, 2, 2, 5, 3, 0, 16, True, "none", True),
     Case(1, 1, 1, 128, 128, 1, 64, False, "none", False),
+    # A head dim that is no power of two: the Triton kernels pad it to BLOCK_D = 64 with masks.
+    Case(1, 2, 1, 9, 12, 3, 40, True, "left", True),
 ]
 SMALL_CASES = [c for c in CASES if c.Lq * c.Lk <= 17 * 40]  # for the Triton interpreter
 
