@@ -34,8 +34,9 @@ DTYPES = ("fp16", "bf16")
 # LoRA ranks compiled: BLOCK_R 16 covers r <= 16, the usual case; 64 is the largest common rank
 # and the register high-water mark the configs are chosen to fit without spills.
 RANKS = (16, 64)
-# Attention head dims compiled: 64, and 128, the register high-water mark (80 and 96 pad to 128).
-HEAD_DIMS = (64, 128)
+# Attention head dims compiled: 64; 96, which pads to BLOCK_D = 128 with masked columns; and 128,
+# the register high-water mark.
+HEAD_DIMS = (64, 96, 128)
 # Largest dynamic shared memory per block: 163 KiB on A100 (sm_80), 227 KiB on H100 (sm_90).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
