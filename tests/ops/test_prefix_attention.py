@@ -51,6 +51,10 @@ CASES = [
     Case(1, 1, 1, 128, 128, 1, 64, False, "none", False),
     # A head dim that is no power of two: the Triton kernels pad it to BLOCK_D = 64 with masks.
     Case(1, 2, 1, 9, 12, 3, 40, True, "left", True),
+    # Empty and tiny extents: no input key (the prefix only), no query, a head dim of 1.
+    Case(2, 2, 1, 5, 0, 3, 16, True, "none", True),
+    Case(2, 2, 1, 0, 5, 3, 16, True, "left", True),
+    Case(1, 1, 1, 4, 4, 2, 1, True, "none", False),
 ]
 SMALL_CASES = [c for c in CASES if c.Lq * c.Lk <= 17 * 40]  # for the Triton interpreter
 
