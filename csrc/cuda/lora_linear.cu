@@ -20,27 +20,13 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "convert.cuh"
 #include "deltakern/lora_params.h"
 #include "deltakern/philox.h"
 #include "lora_linear.cuh"
 
 namespace deltakern {
 namespace {
-
-DELTAKERN_HD float to_float(float v) { return v; }
-DELTAKERN_HD float to_float(__half v) { return __half2float(v); }
-DELTAKERN_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-DELTAKERN_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-template <typename T>
-DELTAKERN_HD T from_float(float v);
-template <>
-DELTAKERN_HD float from_float<float>(float v) { return v; }
-template <>
-DELTAKERN_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-DELTAKERN_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Dropping multiplies by 0 rather than selecting 0, so NaN and inf propagate as in the
 // reference x * mask / (1 - p) and the CPU kernels.

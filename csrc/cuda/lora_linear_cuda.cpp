@@ -8,32 +8,12 @@
 
 #include <cuda_runtime.h>
 
+#include "glue.h"
 #include "kernels.h"
 #include "lora_linear.cuh"
 
 namespace deltakern {
 namespace {
-
-DType to_dtype(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16 on CUDA, got ",
-                  t.scalar_type());
-  }
-}
-
-void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, const char* op,
-                       const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(),
-              " like x, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have x's dtype ",
-              ref.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
 
 // p == 1 would need an infinite keep_scale (and tl.rand's uniform can reach 1.0, so a few
 // elements would be "kept"): dropping everything is the caller's job.
@@ -51,9 +31,9 @@ void lora_dropout_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_A, dou
               ": lora_A must be [R, K] with K = ", x.size(1), ", got ", lora_A.sizes());
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == x.size(0) && xa.size(1) == lora_A.size(0), op,
               ": xa must be [M, R] = [", x.size(0), ", ", lora_A.size(0), "], got ", xa.sizes());
-  check_cuda_tensor(x, x, op, "x");
-  check_cuda_tensor(lora_A, x, op, "lora_A");
-  check_cuda_tensor(xa, x, op, "xa");
+  check_cuda_tensor(x, x, op, "x", "x");
+  check_cuda_tensor(lora_A, x, op, "lora_A", "x");
+  check_cuda_tensor(xa, x, op, "xa", "x");
   check_p(p, op);
   at::assert_no_overlap(xa, x);
   at::assert_no_overlap(xa, lora_A);
@@ -91,9 +71,9 @@ void lora_dropout_backward_cuda(const at::Tensor& x, at::Tensor& dx_lowrank,
               x.sizes(), ", got ", dx_lowrank.sizes());
   TORCH_CHECK(x_dropped.sizes() == x.sizes(), op, ": x_dropped must have x's shape ", x.sizes(),
               ", got ", x_dropped.sizes());
-  check_cuda_tensor(x, x, op, "x");
-  check_cuda_tensor(dx_lowrank, x, op, "dx_lowrank");
-  check_cuda_tensor(x_dropped, x, op, "x_dropped");
+  check_cuda_tensor(x, x, op, "x", "x");
+  check_cuda_tensor(dx_lowrank, x, op, "dx_lowrank", "x");
+  check_cuda_tensor(x_dropped, x, op, "x_dropped", "x");
   check_p(p, op);
   at::assert_no_overlap(dx_lowrank, x);
   at::assert_no_overlap(x_dropped, x);

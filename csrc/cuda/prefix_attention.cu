@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "convert.cuh"
 #include "deltakern/attention.h"
 #include "deltakern/prefix_attention_params.h"
 #include "prefix_attention.cuh"
@@ -52,22 +53,6 @@
 namespace deltakern {
 namespace pa {  // prefix attention; file-local (anonymous) below
 namespace {
-
-DELTAKERN_HD float to_float(float v) { return v; }
-DELTAKERN_HD float to_float(__half v) { return __half2float(v); }
-DELTAKERN_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-DELTAKERN_HD T from_float(float v);
-template <>
-DELTAKERN_HD float from_float<float>(float v) { return v; }
-template <>
-DELTAKERN_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-DELTAKERN_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-DELTAKERN_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-DELTAKERN_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int kWarpSize = 32;
 constexpr int kWarps = 4;

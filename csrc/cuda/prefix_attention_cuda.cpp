@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "glue.h"
 #include "kernels.h"
 #include "prefix_attention.cuh"
 
@@ -18,25 +19,6 @@ namespace deltakern {
 namespace {
 
 constexpr const char* kOp = "deltakern.prefix_attention (cuda)";
-
-DType to_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, kOp, ": q must be float32, float16 or bfloat16 on CUDA, got ",
-                  t.scalar_type());
-  }
-}
-
-void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), kOp, ": ", name, " must be on ",
-              q.device(), " like q, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), kOp, ": ", name, " must have q's dtype ",
-              q.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
-}
 
 // The cheap checks of a direct call (the Python op validates fully before it gets here) and the
 // params of the inputs.
@@ -63,11 +45,11 @@ PrefixAttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k,
                   prefix_k.size(-3) == k.size(1) && prefix_k.size(-1) == q.size(3),
               kOp, ": prefix_k must be [Hkv, P, D] or [B, Hkv, P, D] with Hkv = ", k.size(1),
               ", D = ", q.size(3), ", got ", prefix_k.sizes());
-  check_like_q(q, q, "q");
-  check_like_q(k, q, "k");
-  check_like_q(v, q, "v");
-  check_like_q(prefix_k, q, "prefix_k");
-  check_like_q(prefix_v, q, "prefix_v");
+  check_cuda_tensor(q, q, kOp, "q", "q");
+  check_cuda_tensor(k, q, kOp, "k", "q");
+  check_cuda_tensor(v, q, kOp, "v", "q");
+  check_cuda_tensor(prefix_k, q, kOp, "prefix_k", "q");
+  check_cuda_tensor(prefix_v, q, kOp, "prefix_v", "q");
 
   PrefixAttentionProblem in{};
   in.key_padding_mask = nullptr;
@@ -95,7 +77,7 @@ PrefixAttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k,
   in.prefix_shared = shared;
   in.causal = causal;
   in.scale = static_cast<float>(scale);
-  in.dtype = to_dtype(q);
+  in.dtype = to_dtype(q, kOp, "q");
   return in;
 }
 
@@ -146,8 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
               " and ", out.sizes());
   // Autograd may hand over a non-contiguous (e.g. expanded) gradient.
   const at::Tensor dout = grad_out.contiguous();
-  check_like_q(dout, q, "grad_out");
-  check_like_q(out, q, "out");
+  check_cuda_tensor(dout, q, kOp, "grad_out", "q");
+  check_cuda_tensor(out, q, kOp, "out", "q");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 &&
                   lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
                   lse.size(2) == q.size(2) && lse.device() == q.device(),
