@@ -143,6 +143,16 @@ def _key_block(t, prefix_blocks, pk_ptr, pv_ptr, k_ptr, v_ptr, kpm_ptr, P, Lk,
 
 
 @triton.jit
+def _visible(offs_m, offs_n, n_ok, is_prefix, causal_shift, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] visibility of the keys offs_n (kept: n_ok) to the queries offs_m: a
+    prefix key is always visible, an input key j to query i when ``j <= i + causal_shift``."""
+    visible = n_ok[None, :]
+    if CAUSAL:
+        visible = visible & ((offs_n[None, :] <= offs_m[:, None] + causal_shift) | is_prefix)
+    return visible
+
+
+@triton.jit
 def _query_setup(Hq, Hkv, Lq, Lk, P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                  PREFIX_SHARED: tl.constexpr, HEAD_DIM: tl.constexpr):
     """For a (query block, batch * query head) program: head offsets and the key blocks to walk.
@@ -199,9 +209,7 @@ def _prefix_attn_fwd_kernel(
         kv_ok = _tile_mask(n_ok, offs_d, HEAD_DIM, BLOCK_D)
         k = tl.load(k_base + kv_tile, mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        visible = n_ok[None, :]
-        if CAUSAL:
-            visible = visible & ((offs_n[None, :] <= offs_m[:, None] + causal_shift) | is_prefix)
+        visible = _visible(offs_m, offs_n, n_ok, is_prefix, causal_shift, CAUSAL)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet keeps m = -inf; subtracting 0 instead keeps exp2 finite
@@ -352,9 +360,7 @@ def _prefix_attn_bwd_dq_kernel(
         k = tl.load(k_base + kv_tile, mask=kv_ok, other=0.0)
         v = tl.load(v_base + kv_tile, mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        visible = n_ok[None, :]
-        if CAUSAL:
-            visible = visible & ((offs_n[None, :] <= offs_m[:, None] + causal_shift) | is_prefix)
+        visible = _visible(offs_m, offs_n, n_ok, is_prefix, causal_shift, CAUSAL)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
