@@ -1,6 +1,7 @@
 """How deltakern._C was built, and that deltakern works without it."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,17 @@ def test_extension_loads_with_cpu_kernels():
     assert hasattr(torch.ops.deltakern, "lora_linear_fwd")
 
 
+CUDA_SOURCES = ("lora_linear", "prefix_attention")
+
+
+def cuobjdump(*args) -> str:
+    """Triton's bundled cuobjdump on the built extension."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, *args, _native.C.__file__], capture_output=True, text=True, check=True).stdout
+
+
 def test_cuda_kernels_built_for_sm80_and_sm90():
     if not cuda_build_expected():
         assert not _native.has_cuda_kernels()
@@ -33,12 +45,24 @@ def test_cuda_kernels_built_for_sm80_and_sm90():
     assert _native.has_cuda_kernels()
     archs = os.environ.get("DELTAKERN_CUDA_ARCHS", "80;90").split(";")
     assert _native.cuda_archs() == [f"sm_{a}" for a in archs]
-    import triton
+    listing = cuobjdump("--list-elf")
+    for source in CUDA_SOURCES:
+        for arch in archs:
+            assert f"{source}.sm_{arch}.cubin" in listing
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    listing = subprocess.run([cuobjdump, "--list-elf", _native.C.__file__], capture_output=True, text=True, check=True).stdout
-    for arch in archs:
-        assert f"lora_linear.sm_{arch}.cubin" in listing
+
+def test_cuda_kernels_use_no_local_memory():
+    """No register spills: every kernel of every cubin has 0 bytes of stack and local memory
+    (the resource usage ptxas recorded in the cubins of the built extension)."""
+    if not cuda_build_expected():
+        return
+    usage = cuobjdump("--dump-resource-usage")
+    functions = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    kernels = {name for name, *_ in functions}
+    for source in CUDA_SOURCES:
+        assert any(source in name for name in kernels), f"no {source} kernel in the cubins"
+    spilling = [(name, reg, stack, local) for name, reg, stack, local in functions if stack != "0" or local != "0"]
+    assert not spilling, f"kernels using local memory (name, registers, stack, local): {spilling}"
 
 
 def test_import_without_extension_falls_back_to_reference():
