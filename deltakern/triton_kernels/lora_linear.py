@@ -31,7 +31,7 @@ from deltakern.triton_kernels.rng import dropout_keep, philox_seed
 # Autotune configurations (sm_80 / sm_90), one small config for the interpreter
 # --------------------------------------------------------------------------------------------
 
-# Every config below is checked by tests/triton_kernels/test_lora_compile.py to compile without
+# Every config below is checked by tests/triton_kernels/test_compile.py to compile without
 # register spills on sm_80 and sm_90 for ranks up to 64 (BLOCK_R 64); larger ranks still run.
 #
 # The two GEMMs use the classic tensor-core tiles. 128x128 is the throughput tile for large

@@ -50,7 +50,7 @@ from deltakern.triton_kernels.lora_linear import dot_precision
 # Autotune configurations (sm_80 / sm_90), one small config for the interpreter
 # --------------------------------------------------------------------------------------------
 
-# Every config below is checked by tests/triton_kernels/test_prefix_attention_compile.py to
+# Every config below is checked by tests/triton_kernels/test_compile.py to
 # compile without register spills on sm_80 and sm_90, fp16 and bf16, for head dims 64 and 128
 # (BLOCK_D 128 is the register high-water mark; 80 and 96 pad to 128). sm_80 is the tight target:
 # mma.sync keeps both dot operands in registers, where sm_90's wgmma reads one from shared memory
