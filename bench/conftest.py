@@ -13,6 +13,15 @@ BACKENDS = [
 ]
 
 
+def provider_cases(case_cls, shapes) -> dict:
+    """{shape: (case, providers)}: the fp32 case of each shape on DEVICE and its providers."""
+    built = {}
+    for shape in shapes:
+        case = case_cls(shape, torch.float32, DEVICE)
+        built[shape] = (case, case.providers(BACKENDS))
+    return built
+
+
 def benchmark_provider(benchmark, case, fn, provider, mode, group):
     """Check ``provider`` against fp64 on ``case``, then time ``mode`` (15 rounds, 2 warm-up)."""
     ok, worst = case.check(provider, fn)

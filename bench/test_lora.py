@@ -6,8 +6,7 @@ the benchmark's extra_info. Speed targets (README) are ratios read from one run,
 """
 
 import pytest
-import torch
-from conftest import BACKENDS, DEVICE, benchmark_provider
+from conftest import BACKENDS, benchmark_provider, provider_cases
 
 from deltakern.benchmark import LORA_DEFAULT_SHAPES, MODES, LoraCase
 
@@ -16,11 +15,7 @@ PROVIDERS = ["frozen-linear", "reference", "torch.compile", *(f"deltakern-{b}" f
 
 @pytest.fixture(scope="module")
 def cases():
-    built = {}
-    for shape in LORA_DEFAULT_SHAPES:
-        case = LoraCase(shape, torch.float32, DEVICE)
-        built[shape] = (case, case.providers(BACKENDS))
-    return built
+    return provider_cases(LoraCase, LORA_DEFAULT_SHAPES)
 
 
 @pytest.mark.parametrize("mode", MODES)

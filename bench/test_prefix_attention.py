@@ -6,8 +6,7 @@ PEFT's way and each deltakern backend, each checked against the fp64 reference b
 """
 
 import pytest
-import torch
-from conftest import BACKENDS, DEVICE, benchmark_provider
+from conftest import BACKENDS, benchmark_provider, provider_cases
 
 from deltakern.benchmark import MODES, PREFIX_DEFAULT_SHAPES, PrefixCase
 
@@ -16,11 +15,7 @@ PROVIDERS = ["sdpa-no-prefix", "reference", "torch.compile", *(f"deltakern-{b}" 
 
 @pytest.fixture(scope="module")
 def cases():
-    built = {}
-    for shape in PREFIX_DEFAULT_SHAPES:
-        case = PrefixCase(shape, torch.float32, DEVICE)
-        built[shape] = (case, case.providers(BACKENDS))
-    return built
+    return provider_cases(PrefixCase, PREFIX_DEFAULT_SHAPES)
 
 
 @pytest.mark.parametrize("mode", MODES)
