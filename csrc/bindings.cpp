@@ -37,6 +37,12 @@ TORCH_LIBRARY(deltakern, m) {
       "prefix_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, "
       "Tensor prefix_v, Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, "
       "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "adapter_fwd(Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
+      "Tensor? residual, int activation, float scaling) -> (Tensor, Tensor)");
+  m.def(
+      "adapter_bwd(Tensor grad_out, Tensor h, Tensor w_down, Tensor w_up, Tensor pre, "
+      "int activation, float scaling, bool residual_is_h) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Takes no tensor, so it has one catch-all kernel: the CPU port of philox.h, for the tests.
   m.def("dropout_keep_mask(int rows, int cols, float p, int seed) -> Tensor",
         &deltakern::dropout_keep_mask_cpu);
@@ -47,6 +53,8 @@ TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
   m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cpu);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cpu);
+  m.impl("adapter_fwd", &deltakern::adapter_fwd_cpu);
+  m.impl("adapter_bwd", &deltakern::adapter_bwd_cpu);
 }
 
 #ifdef DELTAKERN_WITH_CUDA
@@ -55,6 +63,8 @@ TORCH_LIBRARY_IMPL(deltakern, CUDA, m) {
   m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cuda);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cuda);
+  m.impl("adapter_fwd", &deltakern::adapter_fwd_cuda);
+  m.impl("adapter_bwd", &deltakern::adapter_bwd_cuda);
 }
 #define DELTAKERN_HAS_CUDA_KERNELS 1
 #else

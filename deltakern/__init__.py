@@ -2,8 +2,8 @@
 
 from . import nn
 from .backend import BACKENDS, BackendUnavailableError, use_backend
-from .ops import lora_linear, prefix_attention
+from .ops import adapter, lora_linear, prefix_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "lora_linear", "nn", "prefix_attention", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "adapter", "lora_linear", "nn", "prefix_attention", "use_backend", "__version__"]

@@ -530,3 +530,119 @@ class PrefixCase:
 
 def prefix_cases(shapes: Iterable[PrefixShape], dtype: torch.dtype, device: str) -> list[PrefixCase]:
     return [PrefixCase(shape, dtype, device) for shape in shapes]
+
+
+# --------------------------------------------------------------------------------------------
+# adapter
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    m: int
+    d: int
+    r: int
+    activation: str = "gelu"
+
+    def __str__(self) -> str:
+        return f"M={self.m},d={self.d},r={self.r},{self.activation}"
+
+
+ADAPTER_DEFAULT_SHAPES = (AdapterShape(4096, 1024, 64),)
+ADAPTER_QUICK_SHAPES = (AdapterShape(256, 128, 16),)
+
+
+class AdapterCase:
+    """Inputs of one shape and the providers that compute the same bottleneck adapter.
+
+    Providers: ``reference`` (as adapter libraries run it: a Linear down, the activation, a Linear
+    up, a scale, the residual add), ``torch.compile`` of it, and ``deltakern-<backend>``. All
+    weights are trainable; the residual is h.
+    """
+
+    PARAMS = ("h", "w_down", "b_down", "w_up", "b_up")
+    SCALING = 0.5
+
+    def __init__(self, shape: AdapterShape, dtype: torch.dtype, device: str):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        s = shape
+
+        def randn(*size, scale=1.0):
+            return (torch.randn(*size, generator=g) * scale).to(dtype=dtype, device=device).requires_grad_(True)
+
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.h = randn(s.m, s.d)
+        self.w_down = randn(s.r, s.d, scale=s.d**-0.5)
+        self.b_down = randn(s.r)
+        self.w_up = randn(s.d, s.r, scale=s.r**-0.5)
+        self.b_up = randn(s.d)
+        self.grad_out = torch.randn(s.m, s.d, generator=g).to(dtype=dtype, device=device)
+
+    def inputs(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.PARAMS]
+
+    def eager(self, h, w_down, b_down, w_up, b_up):
+        from .reference.adapter import activation_fn
+
+        F = torch.nn.functional
+        up = F.linear(activation_fn(self.shape.activation)(F.linear(h, w_down, b_down)), w_up, b_up)
+        return h + self.SCALING * up
+
+    def deltakern(self, backend: str):
+        from .backend import use_backend
+        from .ops.adapter import adapter
+
+        def run(h, w_down, b_down, w_up, b_up):
+            with use_backend(backend):
+                return adapter(h, w_down, b_down, w_up, b_up, activation=self.shape.activation, scaling=self.SCALING)
+
+        return run
+
+    def providers(self, backends: Iterable[str], with_compile: bool = True) -> dict[str, Callable]:
+        found = {"reference": self.eager}
+        if with_compile:
+            found["torch.compile"] = torch.compile(self.eager)
+        for backend in backends:
+            found[f"deltakern-{backend}"] = self.deltakern(backend)
+        return found
+
+    def check(self, provider: str, fn: Callable) -> tuple[bool, float]:
+        params = self.inputs()
+        for t in params:
+            t.grad = None
+        out = fn(*params)
+        out.backward(self.grad_out)
+        results = {"out": out.detach(), **{f"d{name}": t.grad.detach().clone() for name, t in zip(self.PARAMS, params)}}
+        for t in params:
+            t.grad = None
+        leaves = [t.detach().double().requires_grad_(True) for t in params]
+        expected_out = self.eager(*leaves)
+        expected_out.backward(self.grad_out.double())
+        expected = {"out": expected_out.detach(), **{f"d{name}": t.grad for name, t in zip(self.PARAMS, leaves)}}
+        atol, rtol = (1e-3, 1e-3) if self.dtype == torch.float32 else (5e-2, 5e-2)
+        return check_close(results, expected, atol, rtol)
+
+    def run_mode(self, provider: str, fn: Callable, mode: str) -> tuple[Callable, Callable | None]:
+        params = self.inputs()
+
+        def clear():
+            for t in params:
+                t.grad = None
+
+        if mode == "fwd":
+            return (lambda: fn(*params)), None
+        if mode == "full":
+            return (lambda: (clear(), fn(*params).backward(self.grad_out))), None
+
+        def setup():
+            clear()
+            return fn(*params)
+
+        return (lambda out: out.backward(self.grad_out)), setup
+
+    def saved_bytes(self, fn: Callable) -> int:
+        return saved_tensors_bytes(lambda: fn(*self.inputs()), exclude=self.inputs()[1:])
+
+
+def adapter_cases(shapes: Iterable[AdapterShape], dtype: torch.dtype, device: str) -> list[AdapterCase]:
+    return [AdapterCase(shape, dtype, device) for shape in shapes]

@@ -37,8 +37,8 @@ def _info(_args) -> int:
     return 0
 
 
-_OPS = ("lora", "prefix")
-_DEFAULT_OPS = ("lora", "prefix")
+_OPS = ("lora", "prefix", "adapter")
+_DEFAULT_OPS = ("lora", "prefix", "adapter")
 
 
 def _bench(args) -> int:
@@ -66,6 +66,8 @@ def _bench(args) -> int:
             benchmark.LORA_QUICK_SHAPES if args.quick else benchmark.LORA_DEFAULT_SHAPES, dtype, device)),
         "prefix": ("prefix_attention", benchmark.prefix_cases(
             benchmark.PREFIX_QUICK_SHAPES if args.quick else benchmark.PREFIX_DEFAULT_SHAPES, dtype, device)),
+        "adapter": ("adapter", benchmark.adapter_cases(
+            benchmark.ADAPTER_QUICK_SHAPES if args.quick else benchmark.ADAPTER_DEFAULT_SHAPES, dtype, device)),
     }
     print(f"deltakern bench: {', '.join(ops)} on {device} {args.dtype}; deltakern backends: {', '.join(backends) or 'none'}; "
           f"median of {repeats} interleaved repeats", flush=True)

@@ -1,6 +1,7 @@
 """Delta-tuning modules built on deltakern's ops."""
 
+from .adapter import Adapter
 from .lora import LoRALinear
 from .prefix import PrefixEncoder
 
-__all__ = ["LoRALinear", "PrefixEncoder"]
+__all__ = ["Adapter", "LoRALinear", "PrefixEncoder"]

@@ -5,7 +5,8 @@
 returns a :class:`CompileRecord` (registers, spills, shared memory, tensor-core instructions).
 Each op describes its kernels once in an :class:`OpSpec` (``OPS``); ``compile_jobs(op)`` lists
 every (kernel, autotune config, variant, dtype, arch) of it and ``compile_job`` compiles one.
-The variant is the size that changes a kernel's tiles: the LoRA rank, the attention head dim.
+The variant is the size that changes a kernel's tiles: the LoRA rank, the adapter bottleneck, the
+attention head dim.
 
 The kernels must have been imported with ``TRITON_INTERPRET`` unset: under the interpreter
 ``@triton.jit`` makes interpreter functions, which cannot be compiled.
@@ -26,6 +27,8 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import sm_arch_from_capability
 from triton.runtime.jit import JITFunction
 
+from deltakern.reference.adapter import ACTIVATIONS
+from deltakern.triton_kernels import adapter as _adapter
 from deltakern.triton_kernels import lora_linear as _lora
 from deltakern.triton_kernels import prefix_attention as _attn
 
@@ -34,6 +37,9 @@ DTYPES = ("fp16", "bf16")
 # LoRA ranks compiled: BLOCK_R 16 covers r <= 16, the usual case; 64 is the largest common rank
 # and the register high-water mark the configs are chosen to fit without spills.
 RANKS = (16, 64)
+# Adapter bottlenecks compiled: 16 (BLOCK_R 16, r <= 16) and 64, the usual bottleneck of BERT-size
+# adapters and the register high-water mark the configs are chosen to fit without spills.
+BOTTLENECKS = (16, 64)
 # Attention head dims compiled: 64; 96, which pads to BLOCK_D = 128 with masked columns; and 128,
 # the register high-water mark.
 HEAD_DIMS = (64, 96, 128)
@@ -195,6 +201,42 @@ PREFIX_ATTENTION_KERNELS = {
 }
 
 
+def _adapter_signatures(dtype: str) -> dict:
+    """Runtime argument types of each adapter kernel for ``dtype`` inputs."""
+    t = f"*{dtype}"
+    sizes = {"M": "i32", "N": "i32", "R": "i32"}
+    down = {"h_ptr": t, "wd_ptr": t, "bd_ptr": t, "pre_ptr": t, "act_ptr": t, **sizes}
+    dz = {"dy_ptr": t, "wu_ptr": t, "pre_ptr": t, "dpre_ptr": t, "act_ptr": t, "dbd_ptr": "*fp32",
+          **sizes, "scaling": "fp32"}
+    return {
+        "down_gelu": down,
+        "down_gelu_tanh": down,
+        "up": {"act_ptr": t, "wu_ptr": t, "bu_ptr": t, "res_ptr": t, "out_ptr": t, **sizes, "scaling": "fp32"},
+        # The weight and bias gradients are fp32 buffers summed with atomics.
+        "dz_gelu": dz,
+        "dz_gelu_tanh": dz,
+        "dh": {"dy_ptr": t, "wd_ptr": t, "dpre_ptr": t, "act_ptr": t, "dh_ptr": t,
+               "dwu_ptr": "*fp32", "dbu_ptr": "*fp32", **sizes, "scaling": "fp32"},
+        "dwd": {"dpre_ptr": t, "h_ptr": t, "dwd_ptr": "*fp32", **sizes},
+    }
+
+
+# Flags at the heaviest variant: biases present, the residual gradient added. The two kernels
+# that evaluate the activation are compiled with both gelus, the activations with the most live
+# state (erf's polynomial; tanh, a cubic and their products); relu, silu and tanh need less (all
+# five were checked, see the NOTE in triton_kernels/adapter.py).
+_GELU, _GELU_TANH = ACTIVATIONS.index("gelu"), ACTIVATIONS.index("gelu_tanh")
+ADAPTER_KERNELS = {
+    "down_gelu": (_adapter.adapter_down_kernel, {"HAS_BIAS": True, "ACTIVATION": _GELU}),
+    "down_gelu_tanh": (_adapter.adapter_down_kernel, {"HAS_BIAS": True, "ACTIVATION": _GELU_TANH}),
+    "up": (_adapter.adapter_up_kernel, {"HAS_BIAS": True}),
+    "dz_gelu": (_adapter.adapter_dz_kernel, {"ACTIVATION": _GELU}),
+    "dz_gelu_tanh": (_adapter.adapter_dz_kernel, {"ACTIVATION": _GELU_TANH}),
+    "dh": (_adapter.adapter_dh_kernel, {"RESIDUAL_IS_H": True}),
+    "dwd": (_adapter.adapter_dwd_kernel, {}),
+}
+
+
 OPS = {
     "lora_linear": OpSpec(
         kernels=LORA_KERNELS,
@@ -205,6 +247,18 @@ OPS = {
         # Pointers from the caching allocator are 16-byte aligned, and the row lengths (K, N) of
         # real layers are multiples of 16: the specialisation the JIT makes at run time.
         divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name in ("N", "K")),
+    ),
+    "adapter": OpSpec(
+        kernels=ADAPTER_KERNELS,
+        signatures=_adapter_signatures,
+        variants=BOTTLENECKS,
+        variant_tag="r",
+        # The up kernel walks the bottleneck UP_BLOCK_R ranks at a time; the others hold all of it.
+        variant_constexprs=lambda kernel, r: {
+            "BLOCK_R": _adapter.UP_BLOCK_R if kernel == "up" else _lora.block_r(r), "DOT_PRECISION": "tf32"},
+        # Aligned pointers and a hidden size d that is a multiple of 16, as for lora_linear; the
+        # bottleneck r is left unspecialised (8, 48 and 100 are all used).
+        divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name == "N"),
     ),
     "prefix_attention": OpSpec(
         kernels=PREFIX_ATTENTION_KERNELS,

@@ -1,0 +1,44 @@
+// Launchers of the adapter's CUDA element-wise kernels (csrc/cuda/adapter.cu). Framework-free:
+// raw pointers in the params structs of deltakern/adapter_params.h and a cudaStream_t, so that
+// the torch glue (adapter_cuda.cpp, which runs the GEMMs in cuBLAS through ATen) and the
+// kernels compile apart. Each returns the launch error (cudaGetLastError), or
+// cudaErrorInvalidValue for an unknown dtype or activation; empty extents launch nothing.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "deltakern/adapter_params.h"
+
+namespace deltakern {
+
+// The row groups of the column sums (AdapterDpreParams, AdapterColsumParams): consecutive
+// runs of adapter_group_rows(M) rows, adapter_row_groups(M) of them, at most 256; the caller
+// allocates partial as [adapter_row_groups(M), columns] fp32 and sums it over the groups.
+constexpr int64_t kAdapterMinGroupRows = 64;
+constexpr int64_t kAdapterMaxRowGroups = 256;
+
+inline int64_t adapter_group_rows(int64_t M) {
+  const int64_t rows = (M + kAdapterMaxRowGroups - 1) / kAdapterMaxRowGroups;
+  return rows > kAdapterMinGroupRows ? rows : kAdapterMinGroupRows;
+}
+
+inline int64_t adapter_row_groups(int64_t M) {
+  const int64_t rows = adapter_group_rows(M);
+  return (M + rows - 1) / rows;
+}
+
+// out = residual + scale · b_up (broadcast over rows); see AdapterInitParams.
+cudaError_t launch_adapter_init(const AdapterInitParams& params, cudaStream_t stream);
+
+// a = act(pre); see AdapterActivationParams.
+cudaError_t launch_adapter_activation(const AdapterActivationParams& params, cudaStream_t stream);
+
+// a_s = s·act(pre), dpre = s·dz·act'(pre), per-group column sums of dpre; see AdapterDpreParams.
+cudaError_t launch_adapter_dpre(const AdapterDpreParams& params, cudaStream_t stream);
+
+// Per-group column sums of grad_out, and its copy when asked; see AdapterColsumParams.
+cudaError_t launch_adapter_colsum(const AdapterColsumParams& params, cudaStream_t stream);
+
+}  // namespace deltakern
