@@ -25,6 +25,7 @@
 
 #include "deltakern/attention.h"
 #include "kernels.h"
+#include "vec16.h"
 
 namespace deltakern {
 namespace {
@@ -39,27 +40,11 @@ namespace {
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 64;
 
-#define DELTAKERN_ALWAYS_INLINE inline __attribute__((always_inline))
-
-// 16 fp32 lanes in GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones, four SSE2
-// ones, whichever the function they are inlined into is compiled for (target_clones below).
-// Explicit, because GCC 12 left the equivalent scalar loops unvectorized ("control flow in
-// loop" from the exp's range select, and no vector type for the bool mask). Vectorizing them
-// took the benchmark of the NOTE above from 32 ms to 20 ms (forward 11.2 ms to 6.4 ms).
-// The helpers taking and returning them are always inlined, so the psABI note on passing
-// 64-byte vectors without AVX-512 never applies.
-#pragma GCC diagnostic ignored "-Wpsabi"
-using vfloat = float __attribute__((vector_size(64)));
-using vint = int32_t __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
-DELTAKERN_ALWAYS_INLINE vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-DELTAKERN_ALWAYS_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-DELTAKERN_ALWAYS_INLINE vfloat splat(float x) { return vfloat{} + x; }
+// The softmax rows run in the 16-lane vectors of vec16.h: GCC 12 left the scalar loops
+// unvectorized ("control flow in loop" from the exp's range select, and no vector type for the
+// bool mask). Vectorizing them took the benchmark of the NOTE above from 32 ms to 20 ms
+// (forward 11.2 ms to 6.4 ms).
+using namespace vec16;
 
 // exp(x) for the softmax arguments (x <= 0 up to rounding) within 2 ulp; exactly 0 for
 // x < -87 and for -inf (a masked score), as softmax_weight/softmax_prob of attention.h give;
@@ -80,31 +65,6 @@ DELTAKERN_ALWAYS_INLINE vfloat exp_score(vfloat x) {
   y = y * r * r + r + 1.0f;
   const vfloat pow2n = reinterpret_cast<vfloat>((n_int + 127) << 23);
   return x < -87.0f ? vfloat{} : y * pow2n;
-}
-
-// Calls f(c, count) over [0, n) in chunks of kLanes elements, the last one shorter, which the
-// callers run through padded vectors (load_part/store_part), so every element gets the same
-// vector code. The callers' lambdas are always inlined: an outlined one would be compiled for
-// the baseline target, not for the clone that calls it.
-template <typename F>
-DELTAKERN_ALWAYS_INLINE void for_each_chunk(int64_t n, F&& f) {
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) f(c, kLanes);
-  if (c < n) f(c, n - c);
-}
-
-DELTAKERN_ALWAYS_INLINE vfloat load_part(const float* p, int64_t count, float fill) {
-  if (count == kLanes) return load(p);
-  alignas(64) float buf[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) buf[i] = i < count ? p[i] : fill;
-  return load(buf);
-}
-
-DELTAKERN_ALWAYS_INLINE void store_part(float* p, vfloat v, int64_t count) {
-  if (count == kLanes) return store(p, v);
-  alignas(64) float buf[kLanes];
-  store(buf, v);
-  std::copy(buf, buf + count, p);
 }
 
 DELTAKERN_ALWAYS_INLINE vfloat lane_index() {
