@@ -186,7 +186,7 @@ def _act(x, ACTIVATION: tl.constexpr):
 def _act_grad(x, ACTIVATION: tl.constexpr):
     """act'(x) for the activation code, as PyTorch's backward formulas give it."""
     if ACTIVATION == 0:
-        g = tl.where(x > 0.0, 1.0, 0.0)
+        g = tl.where(x <= 0.0, 0.0, 1.0)  # 1 at NaN, as torch's threshold_backward
     elif ACTIVATION == 1:
         # Phi(x) + x phi(x); 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327
         g = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
