@@ -8,9 +8,7 @@
 
 #include <cstdint>
 
-#if !defined(DELTAKERN_HD)
-#define DELTAKERN_HD __host__ __device__ __forceinline__
-#endif
+#include "deltakern/hd.h"
 
 namespace deltakern {
 

@@ -11,6 +11,7 @@ import deltakern
 from deltakern.benchmark import saved_tensors_bytes
 from deltakern.reference.adapter import ACTIVATIONS
 from deltakern.reference.adapter import adapter as reference_adapter
+from tests.compile_check import assert_compiled_step_matches_eager
 from tests.tolerances import assert_close
 
 M_SIZES = (1, 7, 129)
@@ -140,18 +141,7 @@ def test_torch_compile_fullgraph(backend):
     def step(h, w_down, b_down, w_up, b_up, residual):
         return deltakern.adapter(h, w_down, b_down, w_up, b_up, activation="silu", residual=residual).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (step, compiled):
-        leaves = [inputs[k].float().requires_grad_(True) for k in GRADS]
-        with deltakern.use_backend(backend):
-            loss = fn(*leaves)
-        loss.backward()
-        results.append((loss.detach(), [x.grad for x in leaves]))
-    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
-    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-6, rtol=1e-6)
-    for e, c in zip(eager_grads, compiled_grads):
-        torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-5)
+    assert_compiled_step_matches_eager(step, [inputs[k] for k in GRADS], backend)
 
 
 def test_backend_dtype_error():

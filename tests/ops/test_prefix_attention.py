@@ -10,6 +10,7 @@ import deltakern
 from deltakern.benchmark import saved_tensors_bytes
 from deltakern.ops.prefix_attention import prefix_attention
 from deltakern.reference.prefix_attention import prefix_attention as reference_prefix_attention
+from tests.compile_check import assert_compiled_step_matches_eager
 from tests.tolerances import assert_close
 
 GRADS = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -232,19 +233,7 @@ def test_torch_compile_fullgraph(backend):
     def step(q, k, v, pk, pv):
         return prefix_attention(q, k, v, pk, pv, key_padding_mask=inputs["mask"]).square().sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (step, compiled):
-        leaves = [inputs[n].float().requires_grad_(True) for n in GRADS]
-        with deltakern.use_backend(backend):
-            loss = fn(*leaves)
-        loss.backward()
-        results.append((loss.detach(), [x.grad for x in leaves]))
-    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
-    # fp32 rounding only: AOTAutograd may order the loss's own backward differently.
-    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-6, rtol=1e-6)
-    for e, c in zip(eager_grads, compiled_grads):
-        torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-5)
+    assert_compiled_step_matches_eager(step, [inputs[n] for n in GRADS], backend)
 
 
 def test_backend_dtype_and_scale_errors():

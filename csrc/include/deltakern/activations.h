@@ -27,13 +27,7 @@
 #include <type_traits>
 #include <utility>
 
-#if !defined(DELTAKERN_HD)
-#if defined(__CUDACC__)
-#define DELTAKERN_HD __host__ __device__ __forceinline__
-#else
-#define DELTAKERN_HD inline
-#endif
-#endif
+#include "deltakern/hd.h"
 
 // The formulas are always inlined, on the host as well: the CPU kernels call them from
 // functions compiled for AVX-512 and AVX2 (target_clones), and an outlined copy would be

@@ -13,13 +13,7 @@
 #include <cstdint>
 #include <limits>
 
-#if !defined(DELTAKERN_HD)
-#if defined(__CUDACC__)
-#define DELTAKERN_HD __host__ __device__ __forceinline__
-#else
-#define DELTAKERN_HD inline
-#endif
-#endif
+#include "deltakern/hd.h"
 
 namespace deltakern {
 

@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define DELTAKERN_HD __host__ __device__ __forceinline__
-#else
-#define DELTAKERN_HD inline
-#endif
+#include "deltakern/hd.h"
 
 namespace deltakern {
 
