@@ -3,7 +3,24 @@
 from . import nn
 from .backend import BACKENDS, BackendUnavailableError, use_backend
 from .ops import adapter, lora_linear, prefix_attention
+from .patch import (
+    PatchReport,
+    TrainableParameters,
+    add_adapters,
+    add_lora,
+    add_prefix,
+    load,
+    merge_lora,
+    patch,
+    save,
+    trainable_parameters,
+    unpatch,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "adapter", "lora_linear", "nn", "prefix_attention", "use_backend", "__version__"]
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "PatchReport", "TrainableParameters", "adapter", "add_adapters",
+    "add_lora", "add_prefix", "load", "lora_linear", "merge_lora", "nn", "patch", "prefix_attention", "save",
+    "trainable_parameters", "unpatch", "use_backend", "__version__",
+]

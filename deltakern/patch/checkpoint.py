@@ -1,0 +1,89 @@
+"""``save`` and ``load``: PEFT's adapter format for LoRA and prefix tuning, our own for adapters.
+
+A directory written by :func:`save` holds
+  - ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's files, PEFT's key names) when
+    the model has LoRA or a prefix; PEFT's format holds one method per checkpoint;
+  - ``deltakern_adapters.json`` + ``deltakern_adapters.safetensors`` when it has bottleneck adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from torch import nn
+
+from . import adapters as adapters_method
+from . import lora as lora_method
+from . import prefix as prefix_method
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+ADAPTERS_CONFIG = "deltakern_adapters.json"
+ADAPTERS_WEIGHTS = "deltakern_adapters.safetensors"
+
+# PEFT types that deltakern.load reads, and how.
+_PEFT_LOADERS = {"LORA": lora_method.load_peft_lora, "PREFIX_TUNING": prefix_method.load_peft_prefix}
+
+
+def _write(directory: str, config_name: str, weights_name: str, config: dict, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    with open(os.path.join(directory, config_name), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(directory, weights_name))
+
+
+def _read(directory: str, config_name: str, weights_name: str) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, config_name)) as f:
+        config = json.load(f)
+    return config, load_file(os.path.join(directory, weights_name))
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the delta of ``model`` (not the base weights) to directory ``path``.
+
+    LoRA or prefix tuning go to PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, so
+    ``PeftModel.from_pretrained(base, path)`` loads them; adapters go to
+    ``deltakern_adapters.json`` + ``deltakern_adapters.safetensors``.
+    """
+    has_lora, has_prefix = lora_method.has_lora(model), prefix_method.has_prefix(model)
+    has_adapters = adapters_method.has_adapters(model)
+    if has_lora and has_prefix:
+        raise NotImplementedError("deltakern.save: the model has both LoRA and a prefix; PEFT's format holds one method per checkpoint")
+    if not (has_lora or has_prefix or has_adapters):
+        raise ValueError("deltakern.save: the model has no deltakern LoRA, prefix or adapters to save")
+    os.makedirs(path, exist_ok=True)
+    if has_lora:
+        _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *lora_method.peft_lora_checkpoint(model))
+    if has_prefix:
+        _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *prefix_method.peft_prefix_checkpoint(model))
+    if has_adapters:
+        _write(path, ADAPTERS_CONFIG, ADAPTERS_WEIGHTS, *adapters_method.adapters_checkpoint(model))
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add the delta modules a checkpoint at ``path`` describes to the plain base ``model``, load
+    their weights and return the model, ready to run (in eval mode, base frozen).
+
+    Reads PEFT's LoRA and prefix-tuning checkpoints (written by PEFT or by :func:`save`) and
+    deltakern's adapter files. Another PEFT type raises ``ValueError`` naming it.
+    """
+    peft_config_path = os.path.join(path, PEFT_CONFIG)
+    adapters_config_path = os.path.join(path, ADAPTERS_CONFIG)
+    if not (os.path.isfile(peft_config_path) or os.path.isfile(adapters_config_path)):
+        raise ValueError(f"deltakern.load: {os.fspath(path)!r} holds neither {PEFT_CONFIG} nor {ADAPTERS_CONFIG}")
+    if os.path.isfile(peft_config_path):
+        config, state = _read(path, PEFT_CONFIG, PEFT_WEIGHTS)
+        peft_type = config.get("peft_type")
+        if peft_type not in _PEFT_LOADERS:
+            raise ValueError(
+                f"deltakern.load: {os.fspath(path)!r} is a PEFT checkpoint of type {peft_type!r}; "
+                f"deltakern.load reads {', '.join(_PEFT_LOADERS)}"
+            )
+        model = _PEFT_LOADERS[peft_type](model, config, state)
+    if os.path.isfile(adapters_config_path):
+        model = adapters_method.load_adapters(model, *_read(path, ADAPTERS_CONFIG, ADAPTERS_WEIGHTS))
+    return model.eval()

@@ -1,0 +1,74 @@
+"""Tiny models of every supported family, built from configs with random weights (nothing downloads).
+
+``build(family)`` returns a model in eval mode in fp32 with seeded weights; ``inputs(family, ...)``
+returns a batch with left padding on the second row (decoder-only and encoder families) as a dict
+of keyword arguments for the model's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+VOCAB = 96
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "bert", "roberta", "t5")
+DECODER_ONLY = ("llama", "qwen2", "mistral", "gpt2")
+
+
+def config(family: str):
+    common_llama = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return transformers.LlamaConfig(**common_llama)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common_llama)
+    if family == "mistral":
+        return transformers.MistralConfig(**common_llama, sliding_window=None)
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "bert":
+        return transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=48, max_position_embeddings=128, pad_token_id=0)
+    if family == "roberta":
+        return transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=48, max_position_embeddings=130, pad_token_id=1)
+    if family == "t5":
+        return transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                     relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0)
+    raise KeyError(family)
+
+
+def build(family: str, seed: int = 0, task: str = "lm") -> torch.nn.Module:
+    """A tiny model of ``family``; ``task="lm"``: causal LM, masked LM (BERT/RoBERTa) or seq2seq LM (T5);
+    ``task="cls"``: sequence classification with 3 labels (BERT/RoBERTa)."""
+    torch.manual_seed(seed)
+    cfg = config(family)
+    if task == "cls":
+        cfg.num_labels = 3
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    elif family in DECODER_ONLY:
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    elif family == "t5":
+        model = transformers.T5ForConditionalGeneration(cfg)
+    else:
+        model = transformers.AutoModelForMaskedLM.from_config(cfg)
+    return model.eval()
+
+
+def inputs(family: str, batch: int = 2, length: int = 9, pad: int = 3, seed: int = 1) -> dict:
+    """input_ids and attention_mask with the last row left-padded by ``pad`` tokens; T5 also gets
+    decoder_input_ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    pad_id = config(family).pad_token_id
+    if pad:
+        mask[-1, :pad] = 0
+        ids[-1, :pad] = pad_id
+    out = {"input_ids": ids, "attention_mask": mask}
+    if family == "t5":
+        out["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
+    return out
