@@ -1,4 +1,5 @@
-"""``LoRALinear``: an existing ``nn.Linear`` plus a low-rank update, run by ``lora_linear``."""
+"""``LoRALinear``: an existing ``nn.Linear`` (or transformers' ``Conv1D``) plus a low-rank update,
+run by ``lora_linear``."""
 
 from __future__ import annotations
 
@@ -10,16 +11,36 @@ from torch import nn
 from ..ops.lora_linear import lora_linear
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, weight ``[in, out]``).
+    transformers is optional: without it no module is a ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return False
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return isinstance(module, Conv1D)
+
+
 class LoRALinear(nn.Module):
-    """Wraps ``base`` (an ``nn.Linear``) as ``y = base(x) + scaling · B(A(drop(x)))``.
+    """Wraps ``base`` (an ``nn.Linear`` or transformers' ``Conv1D``) as
+    ``y = base(x) + scaling · B(A(drop(x)))``.
 
     Initialised as PEFT does: ``lora_A`` kaiming-uniform (a = √5), ``lora_B`` zeros, so the
     module starts out equal to ``base``. ``scaling = alpha / r``, or ``alpha / √r`` with
     ``use_rslora``. Dropout is active in training mode only; each call draws a fresh seed from
     torch's default generator.
 
+    A ``Conv1D`` base keeps its ``[in, out]`` weight; the forward hands ``lora_linear`` the
+    transposed view ``weight.t()``. The CPU and CUDA backends give that view to the GEMMs as a
+    transposed operand (no copy); the Triton backend makes the weight contiguous, i.e. copies a
+    ``Conv1D`` weight once per forward and once per backward.
+
     Attributes:
-        base_layer: the wrapped ``nn.Linear`` (weight ``[out, in]``, frozen by the caller).
+        base_layer: the wrapped ``nn.Linear`` (weight ``[out, in]``) or ``Conv1D`` (weight
+            ``[in, out]``), frozen by the caller.
+        fan_in_fan_out: True for a ``Conv1D`` base (PEFT's name for a weight stored ``[in, out]``).
         lora_A: ``[r, in]`` parameter.
         lora_B: ``[out, r]`` parameter.
 
@@ -28,8 +49,11 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"deltakern.nn.LoRALinear: base must be an nn.Linear, got {type(base).__name__}")
+        self.fan_in_fan_out = is_conv1d(base)
+        if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
+            raise ValueError(
+                f"deltakern.nn.LoRALinear: base must be an nn.Linear or transformers' Conv1D, got {type(base).__name__}"
+            )
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"deltakern.nn.LoRALinear: r must be an int >= 1, got {r!r}")
         if not 0.0 <= dropout < 1.0:
@@ -40,17 +64,27 @@ class LoRALinear(nn.Module):
         self.dropout = float(dropout)
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.reset_lora_parameters()
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0]
+
+    # Model code reads a linear layer's weight and bias directly (T5 checks ``wo.weight.dtype``);
+    # like PEFT's LoRA layers, expose the base layer's (not registered twice: plain properties).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -58,7 +92,16 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, self.scaling, p)
+        weight = self.base_layer.weight.t() if self.fan_in_fan_out else self.base_layer.weight
+        return lora_linear(x, weight, self.base_layer.bias, self.lora_A, self.lora_B, self.scaling, p)
+
+    def merged_base(self) -> nn.Module:
+        """The base layer with ``scaling · B A`` added to its weight in place (transposed for a
+        ``Conv1D``), so it alone computes what this module computes without dropout."""
+        delta = self.scaling * (self.lora_B @ self.lora_A)
+        with torch.no_grad():
+            self.base_layer.weight.add_(delta.t() if self.fan_in_fan_out else delta)
+        return self.base_layer
 
     def extra_repr(self) -> str:
         return (

@@ -1,17 +1,160 @@
-"""``patch`` and ``unpatch``: route a PEFT model's LoRA layers through ``lora_linear``. (Being written.)"""
+"""``patch`` and ``unpatch``: route a PEFT model's LoRA layers through ``lora_linear`` in place.
+
+A patched layer keeps its class, its parameters and their names (so ``save_pretrained``,
+``PeftModel.from_pretrained`` and optimizers see nothing new); only the instance's ``forward`` is
+replaced by one that calls ``lora_linear`` on the base weight and the active adapter's
+``lora_A`` / ``lora_B``. Every call first checks that the layer is still fusable (not merged, one
+active adapter, adapters enabled, no extra forward arguments, input dtype = weight dtype) and
+otherwise runs PEFT's own forward, so merging or switching adapters after ``patch`` stays correct.
+"""
 
 from __future__ import annotations
 
+import types
+from dataclasses import dataclass, field
+
+import torch
 from torch import nn
 
+from ..nn.lora import is_conv1d
+from ..ops.lora_linear import lora_linear
 
+
+@dataclass
 class PatchReport:
-    pass
+    """What :func:`patch` did.
+
+    Attributes:
+        patched: names of the LoRA layers now running ``lora_linear`` (relative to the base model).
+        skipped: ``(name, reason)`` of each LoRA layer left on PEFT's path.
+    """
+
+    patched: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """How many LoRA layers the model has."""
+        return len(self.patched) + len(self.skipped)
+
+    def __str__(self) -> str:
+        text = f"patched {len(self.patched)} of {self.total} LoRA layers"
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)}: " + ", ".join(f"{name} ({why})" for name, why in self.skipped)
+        return text
+
+
+def _peft_classes(caller: str):
+    try:
+        from peft.tuners.lora.layer import Linear, LoraLayer
+    except ImportError as error:
+        raise ValueError(f"{caller}: takes a PEFT model, but peft is not installed") from error
+    return Linear, LoraLayer
+
+
+def _lora_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every PEFT LoRA layer, names relative to the wrapped base model."""
+    linear_cls, layer_cls = _peft_classes(caller)
+    root = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    layers = [(name, m) for name, m in root.named_modules() if isinstance(m, layer_cls)]
+    if not layers:
+        raise ValueError(f"{caller}: {type(model).__name__} has no PEFT LoRA layers (peft.tuners.lora.LoraLayer)")
+    return layers
+
+
+def _state_reason(layer: nn.Module) -> str | None:
+    """Why the layer's current adapter state cannot run as one ``lora_linear`` call, or None.
+    Checked at patch time and again on every call (the state can change after patching)."""
+    if layer.merged:
+        return "merged weights"
+    active = layer.active_adapters
+    if len(active) != 1:
+        return "several active adapters" if active else "no active adapter"
+    adapter = active[0]
+    if adapter not in layer.lora_A:
+        return f"active adapter {adapter!r} is not in this layer"
+    if layer.use_dora.get(adapter):
+        return "DoRA"
+    variant = getattr(layer, "lora_variant", {}).get(adapter)  # PEFT versions before variants have none
+    if variant is not None:
+        return f"LoRA variant {type(variant).__name__}"
+    if layer.lora_bias.get(adapter) or layer.lora_B[adapter].bias is not None:
+        return "lora_bias"
+    dropout = layer.lora_dropout[adapter]
+    if not isinstance(dropout, (nn.Identity, nn.Dropout)):
+        return f"dropout module {type(dropout).__name__}"
+    if layer.lora_A[adapter].weight.dtype != layer.base_layer.weight.dtype:
+        return (f"LoRA weights in {layer.lora_A[adapter].weight.dtype}, base weight in "
+                f"{layer.base_layer.weight.dtype}")
+    return None
+
+
+def _skip_reason(layer: nn.Module, linear_cls) -> str | None:
+    if type(layer) is not linear_cls:
+        return f"{type(layer).__name__} LoRA layer"
+    base = layer.base_layer
+    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+        return f"base layer is {type(base).__name__}"
+    return _state_reason(layer)
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``base(x) + scaling · B(A(drop(x)))`` for the single active adapter, by ``lora_linear``;
+    PEFT's forward when the layer's state or the call does not allow that. x ``[..., in]`` →
+    ``[..., out]``."""
+    base = self.base_layer
+    if args or kwargs or self.disable_adapters or x.dtype != base.weight.dtype or _state_reason(self) is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    adapter = self.active_adapters[0]
+    dropout = self.lora_dropout[adapter]
+    # PEFT's dropout module follows the model's train/eval mode; so does its probability here.
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    weight = base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores [in, out]
+    return lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                       self.scaling[adapter], p)
+
+
+def _is_patched(layer: nn.Module) -> bool:
+    forward = layer.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward
 
 
 def patch(peft_model: nn.Module) -> PatchReport:
-    raise NotImplementedError
+    """Route the LoRA layers of ``peft_model`` through ``lora_linear``, in place.
+
+    Each ``peft.tuners.lora.Linear`` over an ``nn.Linear`` or a ``Conv1D`` (PEFT's
+    ``fan_in_fan_out``) with one active plain-LoRA adapter gets a fused forward; its parameters
+    and their names are untouched. Layers left on PEFT's path, with the reason in the report:
+    DoRA and other LoRA variants, several active adapters, merged weights, ``lora_bias``, LoRA
+    weights in another dtype than the base weight, other layer types (Embedding, Conv2d,
+    quantised layers, ...). Dropout: the adapter's ``lora_dropout`` probability, in training mode
+    only (the masks are deltakern's, not PEFT's).
+
+    Returns:
+        A :class:`PatchReport`; ``str()`` of it reads as a sentence.
+
+    Raises:
+        ValueError: the model has no PEFT LoRA layer, or peft is not installed.
+    """
+    linear_cls, _ = _peft_classes("deltakern.patch")
+    report = PatchReport()
+    for name, layer in _lora_layers(peft_model, "deltakern.patch"):
+        reason = _skip_reason(layer, linear_cls)
+        if reason is None:
+            layer.forward = types.MethodType(_fused_forward, layer)
+            report.patched.append(name)
+        else:
+            report.skipped.append((name, reason))
+    return report
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    raise NotImplementedError
+    """Put every LoRA layer that :func:`patch` changed back on PEFT's own forward; returns ``model``.
+
+    Raises:
+        ValueError: the model has no PEFT LoRA layer, or peft is not installed.
+    """
+    for _, layer in _lora_layers(model, "deltakern.unpatch"):
+        if _is_patched(layer):
+            del layer.__dict__["forward"]
+    return model
