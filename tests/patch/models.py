@@ -41,11 +41,13 @@ def config(family: str):
     raise KeyError(family)
 
 
-def build(family: str, seed: int = 0, task: str = "lm") -> torch.nn.Module:
+def build(family: str, seed: int = 0, task: str = "lm", **overrides) -> torch.nn.Module:
     """A tiny model of ``family``; ``task="lm"``: causal LM, masked LM (BERT/RoBERTa) or seq2seq LM (T5);
-    ``task="cls"``: sequence classification with 3 labels (BERT/RoBERTa)."""
+    ``task="cls"``: sequence classification with 3 labels (BERT/RoBERTa). ``overrides`` set config fields."""
     torch.manual_seed(seed)
     cfg = config(family)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     if task == "cls":
         cfg.num_labels = 3
         model = transformers.AutoModelForSequenceClassification.from_config(cfg)

@@ -24,7 +24,9 @@ def batch(seed=3, size=4, length=16):
 
 
 def delta_model(method, seed=0):
-    model = models.build("llama", seed=seed)
+    # Weights drawn with std 0.2 rather than HF's 0.02: with 0.02 the frozen head of a 32-wide
+    # model caps every logit near 0.6, so no delta method can move the loss far from ln 96.
+    model = models.build("llama", seed=seed, initializer_range=0.2)
     torch.manual_seed(seed + 1)
     return METHODS[method](model).train()
 
@@ -37,7 +39,7 @@ def delta_grads(model):
 def test_twenty_adamw_steps_lower_the_loss(method):
     model = delta_model(method)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
     data = batch()
     losses = []
     for _ in range(20):
@@ -46,9 +48,9 @@ def test_twenty_adamw_steps_lower_the_loss(method):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    # Memorising one fixed batch: each method takes the loss well below its start (about
-    # ln 96 = 4.56 for the random model); measured drops are listed in the README.
-    assert losses[-1] < 0.8 * losses[0], losses
+    # Memorising one fixed batch: each method at least halves the loss (measured: 4.73 to 0.76
+    # with LoRA, to 1.39 with adapters; the prefix figure is in the README).
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -57,8 +59,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
     plain = delta_model(method)
     plain(**data).loss.backward()
     checkpointed = delta_model(method)
-    checkpointed.gradient_checkpointing_enable()
-    assert checkpointed.is_gradient_checkpointing
+    checkpointed.activation_checkpointing_enable()  # transformers 5 name of gradient_checkpointing_enable
+    assert checkpointed.is_activation_checkpointing
     checkpointed(**data).loss.backward()
     expected, got = delta_grads(plain), delta_grads(checkpointed)
     assert expected.keys() == got.keys() and expected
@@ -77,7 +79,7 @@ def test_torch_compile_of_a_lora_model_gives_the_same_loss_and_gradients():
     loss.backward()
     compiled_model = delta_model("lora")
     compiled_model.load_state_dict(eager.state_dict())
-    compiled_loss = torch.compile(compiled_model)(**data).loss
+    compiled_loss = torch.compile(compiled_model, fullgraph=True)(**data).loss  # no graph break
     compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
     expected, got = delta_grads(eager), delta_grads(compiled_model)
