@@ -15,7 +15,7 @@ from torch import nn
 
 from ..nn import LoRALinear
 from ..nn.lora import is_conv1d
-from .common import freeze_base, replace_submodule
+from .common import DELTA_MODULES, freeze_base, replace_submodule
 
 ALL_LINEAR = "all-linear"
 # PEFT's prefix of every key in a saved LoRA state dict (PeftModel.base_model is a LoraModel whose
@@ -33,9 +33,9 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of the ``nn.Linear`` / ``Conv1D`` layers of ``model`` that are not already
-    inside a ``LoRALinear`` (no LoRA on LoRA)."""
-    inside = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear)}
+    """Qualified names of the ``nn.Linear`` / ``Conv1D`` layers of ``model`` that are not inside a
+    deltakern delta module: no LoRA on LoRA, on an adapter's projections or a prefix encoder's MLP."""
+    inside = {id(sub) for m in model.modules() if isinstance(m, DELTA_MODULES) for sub in m.modules()}
     return [name for name, module in model.named_modules() if _is_linear(module) and id(module) not in inside]
 
 

@@ -192,3 +192,12 @@ def test_unsupported_lora_options_raise(tmp_path):
     with pytest.raises(ValueError, match="unexpected keys"):
         lora_method.load_peft_lora(build("llama"), config, {**state, "base_model.model.extra.lora_A.weight": state[
             next(iter(state))]})
+
+
+def test_all_linear_leaves_the_layers_of_other_delta_modules_alone():
+    model = build("llama")
+    deltakern.add_adapters(model, bottleneck=4)
+    deltakern.add_lora(model, r=2)
+    lora_layers = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert len(lora_layers) == 14 and not any(".adapter." in n for n in lora_layers)
+    assert all(".adapter." in n or "lora_" in n for n, p in model.named_parameters() if p.requires_grad)
