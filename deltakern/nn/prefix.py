@@ -60,6 +60,26 @@ class PrefixEncoder(nn.Module):
         blocks = per_block.permute(1, 2, 0, 3)  # [2·layers, Hkv, P, D]
         return [(blocks[2 * layer], blocks[2 * layer + 1]) for layer in range(self.num_layers)]
 
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prefix_k, prefix_v)`` of layer ``index``, each ``[num_kv_heads, P, head_dim]``.
+
+        Computes only that layer's columns of :meth:`prompt_embeddings` (for the reparameterised
+        form, only that layer's rows of the last Linear), so attention layers can fetch their own
+        prefix inside their forward, which stays correct under activation checkpointing.
+        """
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_layers:
+            raise ValueError(f"deltakern.nn.PrefixEncoder.layer: index must be an int in [0, {self.num_layers}), got {index!r}")
+        width = 2 * self.num_kv_heads * self.head_dim
+        columns = slice(index * width, (index + 1) * width)
+        if self.transform is None:
+            flat = self.embedding.weight[:, columns]
+        else:
+            hidden = self.transform[1](self.transform[0](self.embedding.weight))
+            last = self.transform[2]
+            flat = nn.functional.linear(hidden, last.weight[columns], last.bias[columns])
+        kv = flat.reshape(self.num_virtual_tokens, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return kv[0], kv[1]
+
     @torch.no_grad()
     def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
         """Load PEFT's flat ``prompt_embeddings`` ``[P, num_layers · 2 · Hkv · D]`` (direct form only)."""
