@@ -11,8 +11,6 @@ from safetensors.torch import load_file, save_file
 
 import deltakern
 from deltakern.patch import adapters as adapters_method
-from deltakern.patch import lora as lora_method
-from deltakern.patch import prefix as prefix_method
 from deltakern.patch.adapters import ParallelAdapter, PostNormParallelAdapter, SequentialAdapter
 from deltakern.patch.families import blocks
 
@@ -145,21 +143,9 @@ def test_adapters_take_the_dtype_of_the_base_and_keep_its_training_mode():
     assert model.eval()(**x).logits.dtype == torch.float64
 
 
-@pytest.fixture
-def plain_save(monkeypatch):
-    """deltakern.save asks lora.has_lora and prefix.has_prefix first; while those are unwritten
-    stubs (NotImplementedError), let them answer False: these tests are about adapters only."""
-    plain = models.build("llama")
-    for module, fn in ((lora_method, "has_lora"), (prefix_method, "has_prefix")):
-        try:
-            getattr(module, fn)(plain)
-        except NotImplementedError:
-            monkeypatch.setattr(module, fn, lambda model: False)
-
-
 @pytest.mark.parametrize("family,placement", [("llama", "houlsby"), ("gpt2", "parallel"), ("bert", "parallel"),
                                               ("t5", "pfeiffer")])
-def test_save_load_round_trip_reproduces_outputs(family, placement, tmp_path, plain_save):
+def test_save_load_round_trip_reproduces_outputs(family, placement, tmp_path):
     model = deltakern.add_adapters(models.build(family), bottleneck=6, placement=placement, activation="gelu",
                                    scaling=0.5)
     randomise(model, seed=3)
@@ -184,7 +170,7 @@ def _saved(tmp_path):
     return load_file(weights), lambda state: save_file(state, weights)
 
 
-def test_checkpoint_missing_key_is_named(tmp_path, plain_save):
+def test_checkpoint_missing_key_is_named(tmp_path):
     state, write = _saved(tmp_path)
     key = "model.layers.1.mlp.down_proj.adapter.up.bias"
     del state[key]
@@ -193,7 +179,7 @@ def test_checkpoint_missing_key_is_named(tmp_path, plain_save):
         deltakern.load(models.build("llama"), tmp_path)
 
 
-def test_checkpoint_unexpected_key_and_wrong_shape_are_named(tmp_path, plain_save):
+def test_checkpoint_unexpected_key_and_wrong_shape_are_named(tmp_path):
     state, write = _saved(tmp_path)
     write({**state, "model.layers.9.mlp.down_proj.adapter.up.bias": torch.zeros(32)})
     with pytest.raises(ValueError, match=r"has 1 tensor\(s\) the model has no adapter for: model\.layers\.9\.mlp"):
@@ -205,7 +191,7 @@ def test_checkpoint_unexpected_key_and_wrong_shape_are_named(tmp_path, plain_sav
         deltakern.load(models.build("llama"), tmp_path)
 
 
-def test_checkpoint_of_another_format_version(tmp_path, plain_save):
+def test_checkpoint_of_another_format_version(tmp_path):
     _saved(tmp_path)
     path = tmp_path / "deltakern_adapters.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 2}))

@@ -144,13 +144,9 @@ def test_peft_checkpoint_loads(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
-def test_deltakern_save_loads_in_peft(family, tmp_path, monkeypatch):
+def test_deltakern_save_loads_in_peft(family, tmp_path):
     """deltakern.save -> PeftModel.from_pretrained gives our outputs; the config fields we write
     equal those PEFT writes for the same LoRA model."""
-    from deltakern.patch import prefix
-
-    # prefix.has_prefix is still a stub (written in parallel); these models have no prefix.
-    monkeypatch.setattr(prefix, "has_prefix", lambda model: False)
     theirs = peft_lora(family)
     ours = ours_like(family, theirs)
     deltakern.save(ours, tmp_path / "ours")
