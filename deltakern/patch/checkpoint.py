@@ -75,6 +75,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     adapters_config_path = os.path.join(path, ADAPTERS_CONFIG)
     if not (os.path.isfile(peft_config_path) or os.path.isfile(adapters_config_path)):
         raise ValueError(f"deltakern.load: {os.fspath(path)!r} holds neither {PEFT_CONFIG} nor {ADAPTERS_CONFIG}")
+    peft_loader = None
     if os.path.isfile(peft_config_path):
         config, state = _read(path, PEFT_CONFIG, PEFT_WEIGHTS)
         peft_type = config.get("peft_type")
@@ -83,7 +84,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"deltakern.load: {os.fspath(path)!r} is a PEFT checkpoint of type {peft_type!r}; "
                 f"deltakern.load reads {', '.join(_PEFT_LOADERS)}"
             )
-        model = _PEFT_LOADERS[peft_type](model, config, state)
+        peft_loader = _PEFT_LOADERS[peft_type]
+    # Adapters first: their wrappers are what LoRA names refer to when both are present (a LoRA
+    # layer inside an adapter wrapper is saved as "<module>.base_layer"), whichever was added first.
     if os.path.isfile(adapters_config_path):
         model = adapters_method.load_adapters(model, *_read(path, ADAPTERS_CONFIG, ADAPTERS_WEIGHTS))
+    if peft_loader is not None:
+        model = peft_loader(model, config, state)
     return model.eval()
