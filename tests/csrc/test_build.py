@@ -1,7 +1,6 @@
 """How deltakern._C was built, and that deltakern works without it."""
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import torch
 
 import deltakern
 from deltakern import _native
+from deltakern.gpu_report import parse_resource_usage
 
 
 def cuda_build_expected() -> bool:
@@ -56,12 +56,10 @@ def test_cuda_kernels_use_no_local_memory():
     (the resource usage ptxas recorded in the cubins of the built extension)."""
     if not cuda_build_expected():
         return
-    usage = cuobjdump("--dump-resource-usage")
-    functions = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    kernels = {name for name, *_ in functions}
+    functions = parse_resource_usage(cuobjdump("--dump-resource-usage"))
     for source in CUDA_SOURCES:
-        assert any(source in name for name in kernels), f"no {source} kernel in the cubins"
-    spilling = [(name, reg, stack, local) for name, reg, stack, local in functions if stack != "0" or local != "0"]
+        assert any(f.source == source for f in functions), f"no {source} kernel in the cubins"
+    spilling = [(f.name, f.registers, f.stack, f.local) for f in functions if f.stack or f.local]
     assert not spilling, f"kernels using local memory (name, registers, stack, local): {spilling}"
 
 

@@ -1,0 +1,434 @@
+"""``deltakern bench --gpu-report``: how the GPU kernels compile for sm_80 and sm_90, without a GPU.
+
+Triton: every kernel of every op, every autotune config, at the variants ``triton_kernels.aot``
+covers (LoRA ranks, adapter bottlenecks, attention head dims), in fp16 and bf16, compiled ahead of
+time for sm_80 and sm_90; ptxas gives registers and spill bytes, the PTX whether ``tl.dot``
+lowered to tensor-core instructions (``mma.sync``, ``wgmma.mma_async``).
+
+CUDA: every kernel in the cubins of the built extension ``deltakern._C``; ``cuobjdump
+--dump-resource-usage`` gives what ptxas recorded (registers, stack, static shared and local
+memory), ``cuobjdump -sass`` whether tensor-core instructions (HMMA, HGMMA) are present.
+
+Every row goes to ``<out_dir>/gpu_report.csv``; the terminal gets the worst case of each kernel
+over its configs. The exit code is 1 if a kernel spills, a Triton kernel that uses ``tl.dot``
+has no tensor-core instructions, shared memory exceeds the target's limit, or a compile failed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+TRITON_OPS = ("lora_linear", "prefix_attention", "adapter")
+ARCHS = (80, 90)
+DTYPES = ("fp16", "bf16")
+# Concurrent compile subprocesses: the two cores of the development machine and of CI runners.
+WORKERS = 2
+# Static __shared__ arrays of a CUDA kernel are capped at 48 KiB on every architecture; dynamic
+# shared memory is sized at launch and is not in the cubin.
+CUDA_STATIC_SHARED_LIMIT = 48 * 1024
+# CUDA kernels written without tensor cores on purpose: op -> what the report says of them.
+CUDA_SIMT_BY_DESIGN = {"prefix_attention": "SIMT"}
+
+COLUMNS = ("source", "op", "kernel", "config", "arch", "dtype", "registers", "spill_bytes", "stack_bytes",
+           "local_bytes", "shared_bytes", "shared_limit", "uses_dot", "mma", "wgmma", "tensor_cores", "status",
+           "note")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportRow:
+    """One kernel x config x arch x dtype of the report (one CSV row).
+
+    source: "triton" or "cuda". For Triton, spill_bytes is ptxas's spill stores plus loads and
+    stack/local are not reported; for CUDA, stack_bytes and local_bytes are what ptxas recorded
+    in the cubin and spill_bytes is not reported. mma / wgmma: tensor-core instructions of the
+    sm_80 (``mma.sync``, SASS HMMA) and sm_90 (``wgmma``, SASS HGMMA) kinds. tensor_cores sums it up:
+    "mma", "wgmma", "MISSING" (a tl.dot without them), "SIMT" (CUDA kernels without tensor cores
+    by design), "none" (no matrix product in the kernel). status "unavailable" marks a part of
+    the report that could not be produced (note says why), "error" a compile that failed.
+    """
+
+    source: str
+    op: str
+    kernel: str
+    config: str
+    arch: str
+    dtype: str
+    registers: int | None = None
+    spill_bytes: int | None = None
+    stack_bytes: int | None = None
+    local_bytes: int | None = None
+    shared_bytes: int | None = None
+    shared_limit: int | None = None
+    uses_dot: bool | None = None
+    mma: bool | None = None
+    wgmma: bool | None = None
+    tensor_cores: str = ""
+    status: str = "ok"
+    note: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# What fails the report
+# --------------------------------------------------------------------------------------------
+
+
+def row_problems(row: ReportRow) -> list[str]:
+    """Why ``row`` fails the report (empty if it does not).
+
+    A CUDA part that is unavailable (no CUDA kernels built, no cuobjdump) is reported but is not
+    a failure; a Triton part that is unavailable is, since then nothing was checked.
+    """
+    if row.status == "unavailable":
+        return ["triton report unavailable"] if row.source == "triton" else []
+    if row.status == "error":
+        return ["compile failed"]
+    problems = []
+    if row.spill_bytes:
+        problems.append(f"spills {row.spill_bytes} B")
+    if row.stack_bytes or row.local_bytes:
+        problems.append(f"local memory (stack {row.stack_bytes} B, local {row.local_bytes} B)")
+    if row.uses_dot and not (row.mma or row.wgmma):
+        problems.append("tl.dot without tensor-core instructions")
+    if row.shared_bytes is not None and row.shared_limit is not None and row.shared_bytes > row.shared_limit:
+        problems.append(f"shared memory {row.shared_bytes} B > limit {row.shared_limit} B")
+    return problems
+
+
+def exit_code(rows: Iterable[ReportRow]) -> int:
+    """0 if no row has a problem (see :func:`row_problems`), else 1."""
+    return 1 if any(row_problems(row) for row in rows) else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Triton: ahead-of-time compiles, in subprocesses
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_worker(op: str, arch: int, dtypes: list[str]) -> list[dict]:
+    """Compiles every job of ``op`` for ``sm_<arch>`` and ``dtypes``; the rows as dicts.
+
+    Runs in a subprocess whose environment has no TRITON_INTERPRET, so the kernels are real
+    JIT functions (see ``triton_kernels.aot``).
+    """
+    from deltakern.triton_kernels import aot
+
+    spec = aot.OPS[op]
+    rows = []
+    for job in aot.compile_jobs(op, dtypes=tuple(dtypes), archs=(arch,)):
+        tile = {k: v for k, v in spec.variant_constexprs(job.kernel, job.variant).items() if k.startswith("BLOCK_")}
+        config = " ".join(
+            [f"{spec.variant_tag}={job.variant}"]
+            + [f"{k}={v}" for k, v in {**job.config.kwargs, **tile}.items()]
+            + [f"warps={job.config.num_warps}", f"stages={job.config.num_stages}"])
+        base = ReportRow(source="triton", op=op, kernel=job.kernel, config=config, arch=f"sm_{arch}",
+                         dtype=job.dtype, shared_limit=aot.SHARED_MEMORY_LIMIT[arch])
+        try:
+            record = aot.compile_job(job)
+        except Exception as error:  # reported as a failing row, the other jobs still run
+            rows.append(dataclasses.asdict(dataclasses.replace(
+                base, status="error", note=f"{type(error).__name__}: {error}".splitlines()[0][:200])))
+            continue
+        tensor_cores = (("wgmma" if record.has_wgmma else "mma" if record.has_mma else "MISSING")
+                        if record.uses_dot else "none")
+        rows.append(dataclasses.asdict(dataclasses.replace(
+            base, registers=record.registers, spill_bytes=record.spill_stores + record.spill_loads,
+            shared_bytes=record.shared, uses_dot=record.uses_dot, mma=record.has_mma, wgmma=record.has_wgmma,
+            tensor_cores=tensor_cores)))
+    return rows
+
+
+_WORKER = "import json, sys; from deltakern.gpu_report import _triton_worker; " \
+          "print(json.dumps(_triton_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(','))))"
+
+
+def _compile_in_subprocess(op: str, arch: int, dtypes: tuple[str, ...]) -> list[ReportRow]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _WORKER, op, str(arch), ",".join(dtypes)], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        note = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return [ReportRow(source="triton", op=op, kernel="", config="", arch=f"sm_{arch}", dtype=",".join(dtypes),
+                          status="error", note=f"compile subprocess exited with {done.returncode}: {note}")]
+    return [ReportRow(**row) for row in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def triton_rows(ops=TRITON_OPS, dtypes=DTYPES, archs=ARCHS,
+                progress: Callable[[str], None] | None = None) -> list[ReportRow]:
+    """Compiles every Triton kernel x config x variant of ``ops`` for ``dtypes`` and ``archs``.
+
+    One subprocess per (op, arch), :data:`WORKERS` at a time, biggest op first so that the two
+    workers finish together; ``progress`` is called as each (op, arch) finishes.
+    """
+    for name, given, known in (("op", ops, TRITON_OPS), ("dtype", dtypes, DTYPES), ("arch", archs, ARCHS)):
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            raise ValueError(f"unknown Triton {name}(s) {unknown} for the GPU report; choose from {list(known)}")
+    if importlib.util.find_spec("triton") is None:
+        return [ReportRow(source="triton", op=op, kernel="", config="", arch="", dtype="", status="unavailable",
+                          note="triton is not installed (pip install 'deltakern[triton]')") for op in ops]
+    from deltakern.triton_kernels import aot
+
+    tasks = sorted(((op, arch) for op in ops for arch in archs),
+                   key=lambda t: -len(aot.compile_jobs(t[0], dtypes=tuple(dtypes), archs=(t[1],))))
+    results = {}
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+        futures = {pool.submit(_compile_in_subprocess, op, arch, tuple(dtypes)): (op, arch) for op, arch in tasks}
+        for future in concurrent.futures.as_completed(futures):
+            op, arch = futures[future]
+            results[op, arch] = future.result()
+            if progress is not None:
+                progress(f"triton {op} sm_{arch}: {len(results[op, arch])} compiles "
+                         f"({len(results)}/{len(tasks)} done, {time.perf_counter() - started:.0f} s)")
+    return [row for op in ops for arch in archs for row in results[op, arch]]
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: the cubins of deltakern._C
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaFunction:
+    """Resource usage ptxas recorded for one kernel of one cubin."""
+
+    source: str  # the .cu file's stem: the op
+    arch: str
+    name: str  # mangled
+    registers: int
+    stack: int
+    shared: int
+    local: int
+
+
+_FUNCTION_USAGE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def _cubin_sections(text: str):
+    """(source stem, arch, section text) of each "Fatbin elf code" section of a cuobjdump listing
+    (the PTX sections carry no resource usage and no SASS)."""
+    for section in re.split(r"\n(?=Fatbin \w+ code:)", text):
+        if not section.lstrip().startswith("Fatbin elf code:"):
+            continue
+        arch = re.search(r"^arch = (\S+)", section, re.M)
+        identifier = re.search(r"^identifier = (\S+)", section, re.M)
+        if arch is None or identifier is None:
+            raise ValueError(f"cuobjdump section without arch or identifier: {section[:200]!r}")
+        yield Path(identifier.group(1)).stem, arch.group(1), section
+
+
+def parse_resource_usage(text: str) -> list[CudaFunction]:
+    """The kernels of ``cuobjdump --dump-resource-usage`` output, one per (cubin, function)."""
+    return [
+        CudaFunction(source, arch, name, int(reg), int(stack), int(shared), int(local))
+        for source, arch, section in _cubin_sections(text)
+        for name, reg, stack, shared, local in _FUNCTION_USAGE.findall(section)
+    ]
+
+
+def parse_sass_tensor_cores(text: str) -> dict[tuple[str, str, str], set[str]]:
+    """(source stem, arch, mangled function) -> the tensor-core SASS opcodes it contains (HMMA,
+    HGMMA), from ``cuobjdump -sass`` output; functions without any map to an empty set."""
+    found = {}
+    for source, arch, section in _cubin_sections(text):
+        for body in re.split(r"\n\s*Function : ", section)[1:]:
+            name, _, code = body.partition("\n")
+            found[source, arch, name.strip()] = set(re.findall(r"\b(HGMMA|HMMA)\b", code))
+    return found
+
+
+def cuobjdump_path() -> str | None:
+    """Triton's bundled cuobjdump, else the one on PATH or in the CUDA toolkit, else None."""
+    try:
+        from triton import knobs
+
+        bundled = knobs.nvidia.cuobjdump.path
+        if bundled and os.path.exists(bundled):
+            return bundled
+    except ImportError:
+        pass
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    toolkit = os.path.join(cuda_home, "bin", "cuobjdump")
+    return shutil.which("cuobjdump") or (toolkit if os.path.exists(toolkit) else None)
+
+
+_DTYPE_NAMES = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32"}
+
+
+def _demangled_parts(mangled: str) -> tuple[str, str, str]:
+    """(kernel name, template arguments, dtype) of a mangled kernel symbol, namespaces dropped."""
+    import torch
+
+    from deltakern.reference.adapter import ACTIVATIONS
+
+    full = torch._C._demangle(mangled)
+    full = re.sub(r"[\w:]*\(anonymous namespace\)::|deltakern::(\w+::)?", "", full)
+    # Activation enum values are indices into ACTIVATIONS (csrc/include/deltakern/activations.h).
+    full = re.sub(r"\(Activation\)(\d+)", lambda m: ACTIVATIONS[int(m.group(1))], full)
+    head = full.removeprefix("void ").split("(", 1)[0]
+    name, _, template = head.partition("<")
+    template = f"<{template}" if template else ""
+    dtypes = [dtype for c_type, dtype in _DTYPE_NAMES.items() if re.search(rf"\b{c_type}\b", template)]
+    return name, template, ",".join(dtypes)
+
+
+def _cuda_unavailable(note: str) -> list[ReportRow]:
+    return [ReportRow(source="cuda", op="", kernel="", config="", arch="", dtype="", status="unavailable", note=note)]
+
+
+def cuda_rows(progress: Callable[[str], None] | None = None) -> list[ReportRow]:
+    """Resource usage and tensor-core instructions of every kernel in deltakern._C's cubins, or one
+    "unavailable" row saying why there is none."""
+    from deltakern import _native
+
+    if _native.C is None:
+        return _cuda_unavailable(_native.LOAD_ERROR)
+    if not _native.has_cuda_kernels():
+        return _cuda_unavailable("deltakern._C was built without CUDA kernels (no nvcc, a CPU-only torch, "
+                                 "or DELTAKERN_BUILD_CUDA=0)")
+    tool = cuobjdump_path()
+    if tool is None:
+        return _cuda_unavailable("cuobjdump not found (install triton, or put the CUDA toolkit on PATH)")
+    if progress is not None:
+        progress(f"cuda: reading the cubins of {Path(_native.C.__file__).name} with cuobjdump")
+
+    def run(flag: str) -> str:
+        return subprocess.run([tool, flag, _native.C.__file__], capture_output=True, text=True, check=True).stdout
+
+    functions = parse_resource_usage(run("--dump-resource-usage"))
+    if not functions:
+        return _cuda_unavailable(f"no kernels in the cubins of {_native.C.__file__}")
+    tensor_cores = parse_sass_tensor_cores(run("-sass"))
+    rows = []
+    for f in functions:
+        name, template, dtype = _demangled_parts(f.name)
+        opcodes = tensor_cores.get((f.source, f.arch, f.name), set())
+        summary = "wgmma" if "HGMMA" in opcodes else "mma" if "HMMA" in opcodes else CUDA_SIMT_BY_DESIGN.get(
+            f.source, "none")
+        rows.append(ReportRow(
+            source="cuda", op=f.source, kernel=name, config=template, arch=f.arch, dtype=dtype,
+            registers=f.registers, stack_bytes=f.stack, local_bytes=f.local, shared_bytes=f.shared,
+            shared_limit=CUDA_STATIC_SHARED_LIMIT, mma="HMMA" in opcodes, wgmma="HGMMA" in opcodes,
+            tensor_cores=summary,
+            note="fp32 SIMT by design (no tensor cores yet); shared_bytes is the static __shared__ only, the "
+                 "dynamic shared memory is sized at launch" if f.source in CUDA_SIMT_BY_DESIGN else ""))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def write_csv(rows: Iterable[ReportRow], path: Path) -> None:
+    """Every row, columns :data:`COLUMNS`; None is an empty cell (not reported for that source)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow(["" if getattr(row, c) is None else getattr(row, c) for c in COLUMNS])
+
+
+def _worst(rows: list[ReportRow]) -> dict:
+    """The worst case of a group of rows of one kernel and arch."""
+
+    def most(field):
+        values = [getattr(r, field) for r in rows if getattr(r, field) is not None]
+        return max(values) if values else None
+
+    kinds = sorted({r.tensor_cores for r in rows if r.tensor_cores})
+    return {"rows": len(rows), "registers": most("registers"), "spill": most("spill_bytes"),
+            "local": max((r.stack_bytes or 0) + (r.local_bytes or 0) for r in rows) if rows[0].source == "cuda"
+            else None,
+            "shared": most("shared_bytes"), "limit": most("shared_limit"), "tensor_cores": "/".join(kinds),
+            "problems": sum(1 for r in rows if row_problems(r))}
+
+
+def _dash(n: int | None) -> str:
+    return "-" if n is None else str(n)
+
+
+def _kib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024:.1f}"
+
+
+def format_table(rows: list[ReportRow]) -> str:
+    """The terminal table: per (source, op, kernel, arch) the worst case over configs, dtypes and
+    variants, then unavailable parts, failing rows and summary lines."""
+    groups: dict[tuple, list[ReportRow]] = {}
+    for row in rows:
+        if row.status == "ok":
+            groups.setdefault((row.source, row.op, row.kernel, row.arch), []).append(row)
+    header = (f"{'source':<7}{'op':<17}{'kernel':<31}{'arch':<7}{'rows':>5}{'regs':>6}{'spill B':>9}"
+              f"{'local B':>9}{'smem KiB':>10}{'limit':>8}  {'tensor cores':<14}{'status'}")
+    lines = [header, "-" * len(header)]
+    for (source, op, kernel, arch), group in groups.items():
+        w = _worst(group)
+        status = "ok" if not w["problems"] else f"FAIL ({w['problems']})"
+        lines.append(f"{source:<7}{op:<17}{kernel[:30]:<31}{arch:<7}{w['rows']:>5}{_dash(w['registers']):>6}"
+                     f"{_dash(w['spill']):>9}{_dash(w['local']):>9}{_kib(w['shared']):>10}{_kib(w['limit']):>8}  "
+                     f"{w['tensor_cores']:<14}{status}")
+    for row in rows:
+        if row.status == "unavailable":
+            lines.append(f"{row.source}: unavailable{f' ({row.op})' if row.op else ''}: {row.note}")
+    failing = [row for row in rows if row_problems(row)]
+    for row in failing[:20]:
+        lines.append(f"FAIL {row.source} {row.op} {row.kernel} [{row.config}] {row.arch} {row.dtype}: "
+                     f"{'; '.join(row_problems(row))}{f' ({row.note})' if row.note and row.status == 'error' else ''}")
+    if len(failing) > 20:
+        lines.append(f"... and {len(failing) - 20} more failing rows (see the CSV)")
+    triton = [r for r in rows if r.source == "triton" and r.status != "unavailable"]
+    if triton:
+        dots = [r for r in triton if r.uses_dot]
+        lines.append(
+            f"Triton: {len(triton)} compiles ({len({(r.op, r.kernel) for r in triton})} kernels x configs x variants x "
+            f"{'/'.join(sorted({r.dtype for r in triton}))} x {'/'.join(sorted({r.arch for r in triton}))}); "
+            f"{sum(1 for r in triton if r.spill_bytes)} spill; "
+            f"{sum(1 for r in dots if r.mma or r.wgmma)}/{len(dots)} tl.dot compiles on tensor cores")
+    cuda = [r for r in rows if r.source == "cuda" and r.status == "ok"]
+    if cuda:
+        simt = sorted({r.op for r in cuda if r.tensor_cores == "SIMT"})
+        lines.append(f"CUDA: {len(cuda)} kernels in the cubins of deltakern._C "
+                     f"({'/'.join(sorted({r.arch for r in cuda}))}); "
+                     f"{sum(1 for r in cuda if r.stack_bytes or r.local_bytes)} use local memory")
+        if simt:
+            lines.append(f"CUDA {', '.join(simt)} kernels are fp32 SIMT by design (no tensor cores yet); "
+                         "not a failure. Shared memory of CUDA kernels is their static __shared__ only.")
+        lines.append("CUDA GEMMs of lora_linear and adapter go through cuBLAS (not in deltakern's cubins).")
+    return "\n".join(lines)
+
+
+def run_gpu_report(out_dir: str, progress: Callable[[str], None] | None = None, *,
+                   ops: Iterable[str] = TRITON_OPS, dtypes: Iterable[str] = DTYPES, cuda: bool = True) -> int:
+    """Compiles and inspects every GPU kernel, prints the table, writes ``<out_dir>/gpu_report.csv``.
+
+    ops / dtypes restrict the Triton part (default: all); cuda=False leaves out the CUDA part.
+    Returns 0, or 1 if any row has a problem (see :func:`row_problems`).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rows = triton_rows(tuple(ops), tuple(dtypes), ARCHS, progress)
+    if cuda:
+        rows += cuda_rows(progress)
+    path = out / "gpu_report.csv"
+    write_csv(rows, path)
+    print(format_table(rows))
+    code = exit_code(rows)
+    print(f"{len(rows)} rows written to {path} in {time.perf_counter() - started:.0f} s; "
+          f"{'FAIL' if code else 'OK'}")
+    return code
