@@ -1,14 +1,17 @@
 """deltakern: fused kernels for parameter-efficient fine-tuning (LoRA, prefix tuning, adapters)."""
 
-from . import nn
+from . import nn, prompts
 from .backend import BACKENDS, BackendUnavailableError, use_backend
 from .ops import adapter, lora_linear, prefix_attention
 from .patch import (
     PatchReport,
     TrainableParameters,
     add_adapters,
+    add_bitfit,
     add_lora,
     add_prefix,
+    add_prompt,
+    fold_prompt_encoder,
     load,
     merge_lora,
     patch,
@@ -21,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "PatchReport", "TrainableParameters", "adapter", "add_adapters",
-    "add_lora", "add_prefix", "load", "lora_linear", "merge_lora", "nn", "patch", "prefix_attention", "save",
+    "add_bitfit", "prompts",
+    "add_lora", "add_prefix", "add_prompt", "fold_prompt_encoder", "load", "lora_linear", "merge_lora", "nn",
+    "patch", "prefix_attention", "save",
     "trainable_parameters", "unpatch", "use_backend", "__version__",
 ]

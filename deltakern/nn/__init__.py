@@ -3,5 +3,6 @@
 from .adapter import Adapter
 from .lora import LoRALinear
 from .prefix import PrefixEncoder
+from .prompt import PromptEncoder
 
-__all__ = ["Adapter", "LoRALinear", "PrefixEncoder"]
+__all__ = ["Adapter", "LoRALinear", "PrefixEncoder", "PromptEncoder"]

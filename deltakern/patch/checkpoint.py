@@ -1,9 +1,11 @@
-"""``save`` and ``load``: PEFT's adapter format for LoRA and prefix tuning, our own for adapters.
+"""``save`` and ``load``: PEFT's adapter format for LoRA, prefix tuning, prompt tuning and P-tuning,
+our own for adapters.
 
 A directory written by :func:`save` holds
   - ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's files, PEFT's key names) when
-    the model has LoRA or a prefix; PEFT's format holds one method per checkpoint;
-  - ``deltakern_adapters.json`` + ``deltakern_adapters.safetensors`` when it has bottleneck adapters.
+    the model has LoRA, a prefix or a prompt; PEFT's format holds one method per checkpoint;
+  - ``deltakern_adapters.json`` + ``deltakern_adapters.safetensors`` when it has bottleneck adapters;
+  - ``deltakern_bitfit.json`` + ``deltakern_bitfit.safetensors`` when it trains biases (BitFit).
 """
 
 from __future__ import annotations
@@ -14,16 +16,21 @@ import os
 from torch import nn
 
 from . import adapters as adapters_method
+from . import bitfit as bitfit_method
 from . import lora as lora_method
 from . import prefix as prefix_method
+from . import prompt as prompt_method
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 ADAPTERS_CONFIG = "deltakern_adapters.json"
 ADAPTERS_WEIGHTS = "deltakern_adapters.safetensors"
+BITFIT_CONFIG = "deltakern_bitfit.json"
+BITFIT_WEIGHTS = "deltakern_bitfit.safetensors"
 
 # PEFT types that deltakern.load reads, and how.
-_PEFT_LOADERS = {"LORA": lora_method.load_peft_lora, "PREFIX_TUNING": prefix_method.load_peft_prefix}
+_PEFT_LOADERS = {"LORA": lora_method.load_peft_lora, "PREFIX_TUNING": prefix_method.load_peft_prefix,
+                 "PROMPT_TUNING": prompt_method.load_peft_prompt, "P_TUNING": prompt_method.load_peft_prompt}
 
 
 def _write(directory: str, config_name: str, weights_name: str, config: dict, state: dict) -> None:
@@ -45,36 +52,49 @@ def _read(directory: str, config_name: str, weights_name: str) -> tuple[dict, di
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the delta of ``model`` (not the base weights) to directory ``path``.
 
-    LoRA or prefix tuning go to PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, so
+    LoRA, prefix tuning, prompt tuning or P-tuning (the encoder's output, as PEFT saves it) go to
+    PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, so
     ``PeftModel.from_pretrained(base, path)`` loads them; adapters go to
     ``deltakern_adapters.json`` + ``deltakern_adapters.safetensors``.
     """
     has_lora, has_prefix = lora_method.has_lora(model), prefix_method.has_prefix(model)
-    has_adapters = adapters_method.has_adapters(model)
-    if has_lora and has_prefix:
-        raise NotImplementedError("deltakern.save: the model has both LoRA and a prefix; PEFT's format holds one method per checkpoint")
-    if not (has_lora or has_prefix or has_adapters):
-        raise ValueError("deltakern.save: the model has no deltakern LoRA, prefix or adapters to save")
+    has_prompt, has_adapters = prompt_method.has_prompt(model), adapters_method.has_adapters(model)
+    has_bitfit = bitfit_method.has_bitfit(model)
+    peft_methods = [name for name, present in (("LoRA", has_lora), ("a prefix", has_prefix), ("a prompt", has_prompt))
+                    if present]
+    if len(peft_methods) > 1:
+        both = "both " if len(peft_methods) == 2 else ""
+        raise NotImplementedError(f"deltakern.save: the model has {both}{' and '.join(peft_methods)}; PEFT's format "
+                                  f"holds one method per checkpoint")
+    if not (peft_methods or has_adapters or has_bitfit):
+        raise ValueError("deltakern.save: the model has no deltakern LoRA, prefix, prompt, adapters or BitFit biases to save")
     os.makedirs(path, exist_ok=True)
     if has_lora:
         _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *lora_method.peft_lora_checkpoint(model))
     if has_prefix:
         _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *prefix_method.peft_prefix_checkpoint(model))
+    if has_prompt:
+        _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *prompt_method.peft_prompt_checkpoint(model))
     if has_adapters:
         _write(path, ADAPTERS_CONFIG, ADAPTERS_WEIGHTS, *adapters_method.adapters_checkpoint(model))
+    if has_bitfit:
+        _write(path, BITFIT_CONFIG, BITFIT_WEIGHTS, *bitfit_method.bitfit_checkpoint(model))
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Add the delta modules a checkpoint at ``path`` describes to the plain base ``model``, load
     their weights and return the model, ready to run (in eval mode, base frozen).
 
-    Reads PEFT's LoRA and prefix-tuning checkpoints (written by PEFT or by :func:`save`) and
-    deltakern's adapter files. Another PEFT type raises ``ValueError`` naming it.
+    Reads PEFT's LoRA, prefix-tuning, prompt-tuning and P-tuning checkpoints (written by PEFT or by
+    :func:`save`) and deltakern's adapter and BitFit files. Another PEFT type raises
+    ``ValueError`` naming it.
     """
     peft_config_path = os.path.join(path, PEFT_CONFIG)
     adapters_config_path = os.path.join(path, ADAPTERS_CONFIG)
-    if not (os.path.isfile(peft_config_path) or os.path.isfile(adapters_config_path)):
-        raise ValueError(f"deltakern.load: {os.fspath(path)!r} holds neither {PEFT_CONFIG} nor {ADAPTERS_CONFIG}")
+    bitfit_config_path = os.path.join(path, BITFIT_CONFIG)
+    if not any(os.path.isfile(p) for p in (peft_config_path, adapters_config_path, bitfit_config_path)):
+        raise ValueError(f"deltakern.load: {os.fspath(path)!r} holds none of {PEFT_CONFIG}, {ADAPTERS_CONFIG}, "
+                         f"{BITFIT_CONFIG}")
     peft_loader = None
     if os.path.isfile(peft_config_path):
         config, state = _read(path, PEFT_CONFIG, PEFT_WEIGHTS)
@@ -91,4 +111,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         model = adapters_method.load_adapters(model, *_read(path, ADAPTERS_CONFIG, ADAPTERS_WEIGHTS))
     if peft_loader is not None:
         model = peft_loader(model, config, state)
+    # BitFit names its biases without the wrappers' ".base_layer", so it loads into any structure.
+    if os.path.isfile(bitfit_config_path):
+        model = bitfit_method.load_bitfit(model, *_read(path, BITFIT_CONFIG, BITFIT_WEIGHTS))
     return model.eval()

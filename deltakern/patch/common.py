@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..nn import Adapter, LoRALinear, PrefixEncoder
+from ..nn import Adapter, LoRALinear, PrefixEncoder, PromptEncoder
 
 # The parameters of these modules are the delta; everything else in a patched model is the
 # frozen base. LoRALinear's base layer is part of the base.
-DELTA_MODULES = (LoRALinear, PrefixEncoder, Adapter)
+DELTA_MODULES = (LoRALinear, PrefixEncoder, Adapter, PromptEncoder)
 
 
 def delta_parameter_ids(model: nn.Module) -> set[int]:
@@ -19,8 +19,12 @@ def delta_parameter_ids(model: nn.Module) -> set[int]:
     for module in model.modules():
         if isinstance(module, LoRALinear):
             ids.update((id(module.lora_A), id(module.lora_B)))
-        elif isinstance(module, (PrefixEncoder, Adapter)):
+        elif isinstance(module, (PrefixEncoder, Adapter, PromptEncoder)):
             ids.update(id(p) for p in module.parameters())
+        # A bias add_bitfit trains; the marker is on the owning module (it survives deepcopy, a
+        # parameter attribute does not) and read from __dict__ (adapter wrappers forward getattr).
+        if module.__dict__.get("_deltakern_bitfit"):
+            ids.add(id(module.bias))
     return ids
 
 

@@ -44,7 +44,21 @@ def test_lora_and_prefix_do_not_fit_one_peft_checkpoint(tmp_path):
 
 
 def test_save_without_a_delta_and_load_without_a_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match="no deltakern LoRA, prefix or adapters to save"):
+    with pytest.raises(ValueError, match="no deltakern LoRA, prefix, prompt, adapters or BitFit biases to save"):
         deltakern.save(models.build("gpt2"), tmp_path / "out")
-    with pytest.raises(ValueError, match="holds neither adapter_config.json nor deltakern_adapters.json"):
+    with pytest.raises(ValueError, match="holds none of adapter_config.json, deltakern_adapters.json, deltakern_bitfit.json"):
         deltakern.load(models.build("gpt2"), tmp_path)
+
+
+def test_bitfit_and_lora_share_a_directory(tmp_path):
+    model = deltakern.add_lora(deltakern.add_bitfit(models.build("bert"), add_missing_biases=False), r=2)
+    randomise_deltas(model, seed=5)
+    data = models.inputs("bert")
+    expected = model(**data).logits
+    deltakern.save(model, tmp_path)
+    assert {"adapter_config.json", "deltakern_bitfit.json"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = deltakern.load(models.build("bert"), tmp_path)
+    torch.testing.assert_close(loaded(**data).logits, expected, rtol=0, atol=0)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith(".bias") for n in trainable) and any("lora_A" in n for n in trainable)

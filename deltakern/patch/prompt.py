@@ -1,0 +1,353 @@
+"""``add_prompt``: prompt tuning (Lester et al.) and P-tuning v1 as trainable virtual input tokens.
+
+How a prompted model runs
+-------------------------
+- ``model.deltakern_prompt`` is one :class:`PromptEncoder`. Its ``embedding`` holds ``S·P`` rows of
+  width ``D`` (the model's embedding width); the first ``P`` are the virtual tokens. ``S`` is 2 for
+  encoder-decoder models and 1 otherwise: PEFT's ``SEQ_2_SEQ_LM`` prompt has a second half it never
+  uses for prompt tuning or P-tuning, kept here so checkpoints and P-tuning's LSTM (which runs over
+  all ``S·P`` rows) agree with PEFT.
+- A forward pre-hook rewrites the call before the model sees it, as PEFT's forward does:
+  ``inputs_embeds = [prompt; embed(input_ids)]`` (``[B, P + L, D]``), ``attention_mask`` gets ``P``
+  leading ones, ``token_type_ids`` ``P`` leading zeros, token-level ``labels`` (causal LM, masked
+  LM, token classification) ``P`` leading ``-100``. Outputs therefore cover ``P + L`` positions.
+- Positions are counted over ``[virtual tokens; input]``, padding included: PEFT passes
+  ``inputs_embeds`` and drops ``position_ids``, so the model numbers positions itself. The hook
+  drops ``position_ids`` too (``generate()``'s pad-aware ones included), so a left-padded row has
+  its real tokens at ``P + pad + i``, in the forward and in ``generate()`` alike, exactly as PEFT.
+- ``generate()``: the prompt goes in only when the cache is empty (the first step); later steps get
+  the new token alone, and their mask ``P`` leading ones for the cached virtual tokens.
+- T5 (encoder-decoder): the prompt goes before the encoder input only, as PEFT does; the hook sits
+  on the encoder stack (``generate()`` runs it on its own), and a hook on the model extends the
+  mask the decoder's cross-attention uses. Decoder inputs and labels are unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..nn import PromptEncoder
+from ..nn.prompt import ENCODERS
+from .common import freeze_base
+
+PROMPT_ATTRIBUTE = "deltakern_prompt"
+# Model classes whose labels have one entry per input token (and so get -100 on virtual tokens).
+_TOKEN_LABELS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForTokenClassification")
+# PEFT's task types for prompt tuning and P-tuning, by model class suffix.
+_TASK_SUFFIXES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                  ("ForTokenClassification", "TOKEN_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+                  ("Model", "FEATURE_EXTRACTION"))
+# Tasks whose head PEFT saves beside the prompt, and the top-level head names it looks for.
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+_HEADS = ("classifier", "score")
+
+
+def _input_embeddings(model: nn.Module, caller: str) -> nn.Embedding:
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = None
+    if getter is not None:
+        try:
+            embeddings = getter()
+        except NotImplementedError:
+            embeddings = None
+    if not isinstance(embeddings, nn.Embedding):
+        raise ValueError(
+            f"{caller}: {type(model).__name__} has no input embeddings (get_input_embeddings() must return an "
+            f"nn.Embedding, got {type(embeddings).__name__}); virtual tokens are prepended to them"
+        )
+    return embeddings
+
+
+def _keyword_hook(model_forward, rewrite):
+    """A forward pre-hook (with kwargs) that names positional arguments, then calls ``rewrite(kwargs)``."""
+    names = [p.name for p in inspect.signature(model_forward).parameters.values()
+             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+    def hook(module, args, kwargs):
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        rewrite(kwargs)
+        return (), kwargs
+
+    return hook
+
+
+def _extend_mask(kwargs: dict, num_virtual_tokens: int, caller: str) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return
+    if mask.dim() != 2:
+        raise NotImplementedError(f"{caller}: only [B, L] attention masks are supported with a prompt, got shape {tuple(mask.shape)}")
+    ones = torch.ones(mask.shape[0], num_virtual_tokens, dtype=mask.dtype, device=mask.device)
+    kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
+
+
+def _prepend(kwargs: dict, prompt: PromptEncoder, embeddings: nn.Embedding, token_labels: bool) -> None:
+    """Replace ``input_ids`` by ``inputs_embeds = [prompt; embed(input_ids)]`` and pad the per-token inputs."""
+    num_virtual_tokens = prompt.num_virtual_tokens
+    input_ids = kwargs.pop("input_ids", None)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = embeddings(input_ids)
+    batch = embeds.shape[0]
+    virtual = prompt.prompts().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
+    token_types = kwargs.get("token_type_ids")
+    if token_types is not None:
+        kwargs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, num_virtual_tokens), token_types], dim=1)
+    labels = kwargs.get("labels")
+    if token_labels and labels is not None:
+        kwargs["labels"] = torch.cat([labels.new_full((batch, num_virtual_tokens), -100), labels], dim=1)
+
+
+def _single_stack_rewrite(prompt: PromptEncoder, embeddings: nn.Embedding, token_labels: bool, caller: str):
+    """Decoder-only and encoder-only models: prompt on the first step, mask always."""
+
+    def rewrite(kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or cache.get_seq_length() == 0:
+            _prepend(kwargs, prompt, embeddings, token_labels)
+        _extend_mask(kwargs, prompt.num_virtual_tokens, caller)
+        # The model numbers positions over [virtual; input] itself, as under PEFT (see the module docstring).
+        kwargs.pop("position_ids", None)
+
+    return rewrite
+
+
+def _encoder_rewrite(prompt: PromptEncoder, embeddings: nn.Embedding, caller: str):
+    """The encoder stack of an encoder-decoder model: always prompted. Its mask is already extended
+    when the model's own hook ran first (length P + L) and not when generate() calls the encoder
+    directly (length L)."""
+
+    def rewrite(kwargs):
+        source = kwargs.get("input_ids") if kwargs.get("inputs_embeds") is None else kwargs["inputs_embeds"]
+        mask = kwargs.get("attention_mask")
+        _prepend(kwargs, prompt, embeddings, token_labels=False)
+        if mask is not None and mask.shape[-1] == source.shape[1]:
+            _extend_mask(kwargs, prompt.num_virtual_tokens, caller)
+
+    return rewrite
+
+
+def _check_count(name: str, value, caller: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{caller}: {name} must be an int >= 1, got {value!r}")
+
+
+def _init_ids(init: str, total: int, vocab_size: int, tokenizer, device, caller: str) -> torch.Tensor | None:
+    """The vocabulary ids whose embeddings initialise the ``total`` rows, or None for random rows."""
+    if init == "random":
+        return None
+    if init == "vocab":
+        return torch.randint(0, vocab_size, (total,), device=device)
+    if tokenizer is None:
+        raise ValueError(f"{caller}: init={init!r} is a text to initialise from and needs tokenizer=, got tokenizer=None")
+    ids = list(tokenizer(init)["input_ids"])
+    if not ids:
+        raise ValueError(f"{caller}: init text {init!r} gives no tokens")
+    if max(ids) >= vocab_size or min(ids) < 0:
+        raise ValueError(f"{caller}: init text {init!r} gives token ids {ids} outside the model's vocabulary of {vocab_size}")
+    # PEFT's TEXT init: the token ids repeated to fill, then cut to the number of rows.
+    ids = (ids * -(-total // len(ids)))[:total]
+    return torch.tensor(ids, device=device)
+
+
+def _attach(model: nn.Module, num_virtual_tokens: int, encoder: str | None, encoder_hidden_size: int | None,
+            encoder_num_layers: int, caller: str) -> PromptEncoder:
+
+    _check_count("num_virtual_tokens", num_virtual_tokens, caller)
+    if encoder is not None and encoder not in ENCODERS:
+        raise ValueError(f"{caller}: encoder must be None, 'lstm' or 'mlp', got {encoder!r}")
+    if encoder_hidden_size is not None:
+        if encoder is None:
+            raise ValueError(f"{caller}: encoder_hidden_size={encoder_hidden_size!r} needs encoder='lstm' or 'mlp', got encoder=None")
+        _check_count("encoder_hidden_size", encoder_hidden_size, caller)
+    embeddings = _input_embeddings(model, caller)
+    name = type(model).__name__
+    if name.endswith("ForQuestionAnswering"):
+        raise NotImplementedError(f"{caller}: {name} takes start/end positions that virtual tokens would shift; not supported")
+    if has_prompt(model):
+        raise ValueError(f"{caller}: {name} already has a deltakern prompt")
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    prompt = PromptEncoder(num_virtual_tokens, embeddings.embedding_dim, 2 if encoder_decoder else 1, encoder,
+                           encoder_hidden_size, encoder_num_layers)
+    prompt.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+    model.add_module(PROMPT_ATTRIBUTE, prompt)
+    if encoder_decoder:
+        stack = model.get_encoder()
+        stack.register_forward_pre_hook(_keyword_hook(stack.forward, _encoder_rewrite(prompt, embeddings, caller)),
+                                        with_kwargs=True)
+        model.register_forward_pre_hook(
+            _keyword_hook(model.forward, lambda kwargs: _extend_mask(kwargs, num_virtual_tokens, caller)), with_kwargs=True)
+    else:
+        rewrite = _single_stack_rewrite(prompt, embeddings, name.endswith(_TOKEN_LABELS), caller)
+        model.register_forward_pre_hook(_keyword_hook(model.forward, rewrite), with_kwargs=True)
+    freeze_base(model)
+    return prompt
+
+
+def add_prompt(model: nn.Module, num_virtual_tokens: int, init: str = "random", tokenizer=None,
+               encoder: str | None = None, encoder_hidden_size: int | None = None) -> nn.Module:
+    """Add prompt tuning (or, with ``encoder``, P-tuning v1) to a Hugging Face ``model`` in place and return it.
+
+    ``num_virtual_tokens`` (P) trainable embeddings ``[P, D]`` go before the input embeddings
+    (before the encoder input for T5); ``model(**batch)`` and ``model.generate(**batch)`` work
+    unchanged and their outputs cover ``P + L`` positions (see the module docstring; the semantics
+    are PEFT's). The base model is frozen.
+
+    Args:
+        init: ``"random"`` (``nn.Embedding``'s N(0, 1), PEFT's RANDOM), ``"vocab"`` (rows of randomly
+            drawn vocabulary embeddings) or any other string: a text whose token embeddings, repeated
+            or cut to length, initialise the rows (e.g. a label word; needs ``tokenizer``).
+        encoder: ``None`` (prompt tuning), ``"lstm"`` or ``"mlp"`` (P-tuning's reparameterisation,
+            PEFT's shapes and names); ``encoder_hidden_size`` defaults to ``D``. ``init`` then sets the
+            encoder's input embeddings.
+
+    Raises:
+        ValueError: no input embeddings, a count not an int >= 1, an unknown encoder, a text init
+            without tokenizer or with tokens outside the vocabulary, or a prompt already present.
+        NotImplementedError: question answering models (their start/end positions would shift).
+    """
+    caller = "deltakern.add_prompt"
+    if not isinstance(init, str) or not init:
+        raise ValueError(f"{caller}: init must be 'random', 'vocab' or a non-empty text, got {init!r}")
+    prompt = _attach(model, num_virtual_tokens, encoder, encoder_hidden_size, 2, caller)
+    embeddings = model.get_input_embeddings()
+    ids = _init_ids(init, prompt.embedding.num_embeddings, embeddings.num_embeddings, tokenizer,
+                    embeddings.weight.device, caller)
+    if ids is not None:
+        with torch.no_grad():
+            prompt.embedding.weight.copy_(embeddings.weight[ids])
+    return model
+
+
+def has_prompt(model: nn.Module) -> bool:
+    """Whether ``model`` holds a deltakern prompt."""
+    return any(isinstance(module, PromptEncoder) for module in model.modules())
+
+
+def fold_prompt_encoder(model: nn.Module) -> nn.Module:
+    """Replace a P-tuning prompt encoder by the embeddings it produces (for inference) and return
+    ``model``; outputs are unchanged. The folded model still saves as a PEFT ``P_TUNING`` checkpoint.
+
+    Raises:
+        ValueError: ``model`` has no deltakern prompt, or its prompt has no encoder (plain prompt
+            tuning, or already folded).
+    """
+    caller = "deltakern.fold_prompt_encoder"
+    if not has_prompt(model):
+        raise ValueError(f"{caller}: {type(model).__name__} has no deltakern prompt")
+    prompt = model.get_submodule(PROMPT_ATTRIBUTE)
+    if prompt.encoder is None:
+        raise ValueError(f"{caller}: the prompt of {type(model).__name__} has no prompt encoder to fold")
+    prompt.fold()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's checkpoint format
+# ---------------------------------------------------------------------------------------------
+
+def _task_type(model: nn.Module, caller: str) -> str:
+    name = type(model).__name__
+    for suffix, task in _TASK_SUFFIXES:
+        if name.endswith(suffix):
+            return task
+    raise NotImplementedError(
+        f"{caller}: PEFT has no prompt-tuning task type for {name} (its prompt learning models are "
+        f"{', '.join(s for s, _ in _TASK_SUFFIXES)}; a PEFT model without task type ignores the prompt)"
+    )
+
+
+def peft_prompt_checkpoint(model: nn.Module) -> tuple[dict, dict]:
+    """``(adapter_config, state_dict)`` as PEFT's ``save_pretrained`` writes prompt tuning or P-tuning.
+
+    The weights are ``{"prompt_embeddings": [S·P, D]}``: for P-tuning the encoder's output, as PEFT
+    saves it (and loads it into plain embeddings for inference). Sequence and token classification
+    also hold the head (``base_model.classifier.*`` or ``base_model.score.*``), as PEFT's do.
+
+    Raises:
+        NotImplementedError: a model class PEFT's prompt learning has no task type for (e.g. a masked LM).
+    """
+    caller = "deltakern.save"
+    prompt = model.get_submodule(PROMPT_ATTRIBUTE)
+    task = _task_type(model, caller)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = {
+        "auto_mapping": None,
+        "base_model_name_or_path": getattr(model.config, "name_or_path", None) or None,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_attention_heads": getattr(text_config, "num_attention_heads", None),
+        "num_layers": getattr(text_config, "num_hidden_layers", None),
+        "num_transformer_submodules": prompt.embedding.num_embeddings // prompt.num_virtual_tokens,
+        "num_virtual_tokens": prompt.num_virtual_tokens,
+        "peft_type": prompt.peft_type,
+        "revision": None,
+        "task_type": task,
+        "token_dim": prompt.embedding.embedding_dim,
+    }
+    if prompt.peft_type == "P_TUNING":
+        config.update(encoder_dropout=0.0, encoder_hidden_size=prompt.encoder_hidden_size,
+                      encoder_num_layers=prompt.encoder_num_layers, encoder_reparameterization_type=prompt.reparameterization)
+    else:
+        # The init is only used when training starts; PEFT reads the weights of an inference checkpoint.
+        config.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_kwargs=None,
+                      tokenizer_name_or_path=None)
+    with torch.no_grad():
+        state = {"prompt_embeddings": prompt().detach().clone()}
+    if task in _HEAD_TASKS:
+        # PEFT trains and saves the task head of these tasks (its modules_to_save) and insists on
+        # finding it in the checkpoint; ours is the base model's.
+        config["modules_to_save"] = list(_HEADS)
+        for name, parameter in model.named_parameters():
+            if name.split(".", 1)[0] in _HEADS:
+                state[f"base_model.{name}"] = parameter.detach().clone()
+    return config, state
+
+
+def load_peft_prompt(model: nn.Module, config: dict, state: dict) -> nn.Module:
+    """Add the prompt a PEFT prompt-tuning or P-tuning checkpoint describes to the plain base
+    ``model`` and load it; returns the model. P-tuning loads as plain (folded) embeddings, as PEFT
+    does for inference. Other saved modules (``base_model.<name>``, PEFT's ``modules_to_save`` such
+    as a classifier) are loaded into the base model.
+
+    Raises:
+        ValueError: the checkpoint does not fit the model (width, seq2seq or not, rows), lacks
+            ``prompt_embeddings``, or names a module the model does not have.
+    """
+    caller = "deltakern.load"
+    peft_type = config.get("peft_type")
+    if peft_type not in ("PROMPT_TUNING", "P_TUNING"):
+        raise ValueError(f"{caller}: expected a PROMPT_TUNING or P_TUNING checkpoint, got peft_type={peft_type!r}")
+    if "prompt_embeddings" not in state:
+        raise ValueError(f"{caller}: the {peft_type} checkpoint has no 'prompt_embeddings', got keys {sorted(state)}")
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    submodules = config.get("num_transformer_submodules") or 1
+    if submodules != (2 if encoder_decoder else 1):
+        raise ValueError(f"{caller}: num_transformer_submodules={submodules} does not fit {type(model).__name__} "
+                         f"(expected {2 if encoder_decoder else 1})")
+    prompt = _attach(model, config.get("num_virtual_tokens"), None, None, 2, caller)
+    prompt.peft_type = peft_type
+    if peft_type == "P_TUNING":
+        prompt.encoder_hidden_size = config.get("encoder_hidden_size") or prompt.embedding.embedding_dim
+        prompt.encoder_num_layers = config.get("encoder_num_layers", 2)
+        prompt.reparameterization = config.get("encoder_reparameterization_type", "MLP")
+    weights = state["prompt_embeddings"]
+    if tuple(weights.shape) != tuple(prompt.embedding.weight.shape):
+        raise ValueError(f"{caller}: prompt_embeddings of shape {tuple(weights.shape)} do not fit {type(model).__name__} "
+                         f"(expected {tuple(prompt.embedding.weight.shape)})")
+    with torch.no_grad():
+        prompt.embedding.weight.copy_(weights)
+        for key, value in state.items():
+            if key == "prompt_embeddings":
+                continue
+            name = key.removeprefix("base_model.")
+            try:
+                target = model.get_parameter(name)
+            except AttributeError:
+                raise ValueError(f"{caller}: the checkpoint holds {key!r}, which {type(model).__name__} has no parameter for") from None
+            target.copy_(value)
+    return model
