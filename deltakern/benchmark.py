@@ -14,9 +14,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import dataclasses
 import datetime
+import importlib.metadata
+import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import time
@@ -59,7 +63,8 @@ def _versions() -> str:
     return " ".join(parts)
 
 
-def _git_sha() -> str:
+def git_sha() -> str:
+    """The short commit of the checkout deltakern runs from, or "unknown"."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -69,7 +74,7 @@ def _git_sha() -> str:
 
 
 _VERSIONS = _versions()
-_GIT_SHA = _git_sha()
+_GIT_SHA = git_sha()
 
 
 def quantiles(samples: list[float]) -> tuple[float, float, float]:
@@ -208,6 +213,53 @@ def write_csv(rows: Iterable[Row], path: str) -> None:
             writer.writerow(asdict(row))
 
 
+def machine() -> dict:
+    """CPU model, logical cores, memory in GiB and CUDA devices of this machine."""
+    cpu = platform.processor() or platform.machine()
+    memory_gib = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+        memory_gib = round(kib / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass  # not Linux: the platform's name for the CPU and no memory figure
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_GiB": memory_gib, "gpus": gpus}
+
+
+def versions() -> dict:
+    """Versions of python, torch and, where installed, triton, transformers and peft; deltakern's."""
+    from . import __version__
+
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers", "peft"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    found["deltakern"] = __version__
+    return found
+
+
+def summarize(results: Iterable[Result]) -> list[dict]:
+    """One entry per (op, shape, provider) in run order: median ms of each mode, the full step's
+    ratio to ``reference``, saved and peak MB, tokens/s where the op has it, and the check."""
+    entries: dict[tuple[str, str, str], dict] = {}
+    for r in results:
+        row = r.row
+        entry = entries.setdefault((row.op, row.shape, row.provider), {
+            "op": row.op, "shape": row.shape, "provider": row.provider, "dtype": row.dtype, "device": row.device,
+            "check": "ok" if r.ok else "FAIL", "detail": r.detail, "tokens_per_s": None})
+        key = f"{row.mode}_ms" if row.metric == "ms" else row.metric
+        entry[key] = row.p50
+    for (op, shape, _), entry in entries.items():
+        reference = entries.get((op, shape, "reference"))
+        entry["ratio_to_reference"] = entry["full_ms"] / reference["full_ms"] if reference else None
+    return list(entries.values())
+
+
 MODES = ("fwd", "bwd", "full")
 
 
@@ -225,7 +277,10 @@ def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, re
 
     A case offers ``shape``, ``dtype``, ``device``, ``providers(backends, with_compile)`` (name ->
     callable, the baseline first), ``check(provider, fn) -> (ok, worst scaled error)``,
-    ``run_mode(provider, fn, mode) -> (timed, setup)`` and ``saved_bytes(fn)``.
+    ``run_mode(provider, fn, mode) -> (timed, setup)`` and ``saved_bytes(fn)``. Optionally:
+    ``warmup`` and ``repeats`` (replacing the arguments for that case: a training step of the
+    end-to-end suite takes seconds) and ``tokens`` (tokens per step: adds a ``tokens_per_s`` row
+    for the full step, its p20 from the p80 time and so on).
     """
     results: list[Result] = []
     backends = list(backends)
@@ -238,18 +293,102 @@ def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, re
             progress(f"{op} {shape}: checking {provider}")
             ok, worst = case.check(provider, fn)
             checks[provider] = (ok, f"max scaled error {worst:.3g}")
+        tokens = getattr(case, "tokens", None)
         for mode in MODES:
             progress(f"{op} {shape}: timing {mode}")
             timings = time_interleaved({p: case.run_mode(p, fn, mode) for p, fn in providers.items()},
-                                       warmup=warmup, repeats=repeats, device=device)
+                                       warmup=getattr(case, "warmup", warmup), repeats=getattr(case, "repeats", repeats),
+                                       device=device)
             for provider, (p20, p50, p80) in timings.items():
                 results.append(Result(Row(op, provider, mode, shape, dtype_name, device, "ms", p20, p50, p80), *checks[provider]))
+                if tokens and mode == "full":
+                    rates = [tokens / (ms / 1e3) for ms in (p80, p50, p20)]
+                    results.append(Result(Row(op, provider, mode, shape, dtype_name, device, "tokens_per_s", *rates), *checks[provider]))
         for provider, fn in providers.items():
+            progress(f"{op} {shape}: memory of {provider}")
             step, _ = case.run_mode(provider, fn, "full")
             for metric, nbytes in (("saved_MB", case.saved_bytes(fn)), ("peak_MB", peak_bytes(step, device))):
                 mb = nbytes / 2**20
                 results.append(Result(Row(op, provider, "full", shape, dtype_name, device, metric, mb, mb, mb), *checks[provider]))
     return results
+
+
+def failures(results: Iterable[Result]) -> list[Result]:
+    """One failed result per (op, provider, shape): a provider's check covers all of its rows."""
+    found: dict[tuple[str, str, str], Result] = {}
+    for r in results:
+        if not r.ok:
+            found.setdefault((r.row.op, r.row.provider, r.row.shape), r)
+    return list(found.values())
+
+
+def read_csv(path: str) -> list[dict]:
+    """The rows of a CSV written by :func:`write_csv`, p20/p50/p80 as floats."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for q in ("p20", "p50", "p80"):
+            row[q] = float(row[q])
+    return rows
+
+
+def load_shapes(path: str, shape_types: dict[str, type]) -> dict[str, tuple]:
+    """The shapes of a ``--shapes`` JSON file: ``{"lora": [{"m": 2048, ...}, ...], ...}``.
+
+    ``shape_types`` maps each op the file may name to its shape dataclass; each object must give
+    every field without a default, and only known fields. Field types follow the annotations:
+    ``int`` fields take integers >= 1, ``float`` numbers, ``bool`` true/false, ``str`` strings.
+    Raises ``ValueError`` naming the file, and the op, entry and field at fault.
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--shapes {path}: cannot read it: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--shapes {path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"--shapes {path}: expected a JSON object mapping ops ({', '.join(shape_types)}) to lists of shapes")
+    found = {}
+    for op, entries in data.items():
+        if op not in shape_types:
+            raise ValueError(f"--shapes {path}: unknown op {op!r}; expected one of {', '.join(shape_types)}")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"--shapes {path}: {op!r} must be a non-empty list of objects")
+        cls = shape_types[op]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = [name for name, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        shapes = []
+        for i, entry in enumerate(entries):
+            where = f"--shapes {path}: {op}[{i}]"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: expected an object with fields {', '.join(fields)}")
+            unknown = [k for k in entry if k not in fields]
+            if unknown:
+                raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(fields)}")
+            missing = [k for k in required if k not in entry]
+            if missing:
+                raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+            for name, value in entry.items():
+                _check_field(where, name, fields[name].type, value)
+            try:
+                shapes.append(cls(**entry))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from e
+        found[op] = tuple(shapes)
+    return found
+
+
+def _check_field(where: str, name: str, kind: str, value) -> None:
+    kind = kind if isinstance(kind, str) else kind.__name__
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool),
+          "str": isinstance(value, str)}[kind]
+    if not ok:
+        wanted = {"int": "an integer >= 1", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
+        raise ValueError(f"{where}: field {name!r} must be {wanted}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,11 +404,18 @@ class LoraShape:
     r: int
     dropout_p: float
 
+    def __post_init__(self):
+        if not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"LoraShape: dropout_p must be in [0, 1), got {self.dropout_p}")
+
     def __str__(self) -> str:
         return f"M={self.m},in={self.in_features},out={self.out_features},r={self.r},p={self.dropout_p:g}"
 
 
-LORA_DEFAULT_SHAPES = (LoraShape(2048, 1024, 1024, 16, 0.1), LoraShape(2048, 1024, 1024, 16, 0.0))
+# A small layer (a BERT-base projection over 512 tokens), where per-call overhead shows, and a
+# large one with dropout on and off (the dropout mask is LoRA's largest cost after the GEMMs).
+LORA_DEFAULT_SHAPES = (LoraShape(512, 768, 768, 16, 0.1), LoraShape(2048, 1024, 1024, 16, 0.1),
+                       LoraShape(2048, 1024, 1024, 16, 0.0))
 LORA_QUICK_SHAPES = (LoraShape(256, 256, 256, 8, 0.1),)
 _CHECK_SEED = 20240917
 
@@ -414,11 +560,16 @@ class PrefixShape:
     d: int
     causal: bool = True
 
+    def __post_init__(self):
+        if self.hq % self.hkv:
+            raise ValueError(f"PrefixShape: hq ({self.hq}) must be a multiple of hkv ({self.hkv})")
+
     def __str__(self) -> str:
         return f"B={self.b},H={self.hq}/{self.hkv},L={self.length},P={self.p},D={self.d}{',causal' if self.causal else ''}"
 
 
-PREFIX_DEFAULT_SHAPES = (PrefixShape(4, 8, 8, 512, 64, 64),)
+# A short grouped-query case (4 query heads per key/value head) and a longer multi-head one.
+PREFIX_DEFAULT_SHAPES = (PrefixShape(2, 8, 2, 128, 16, 64), PrefixShape(4, 8, 8, 512, 64, 64))
 PREFIX_QUICK_SHAPES = (PrefixShape(2, 4, 2, 64, 8, 32),)
 
 
@@ -544,11 +695,18 @@ class AdapterShape:
     r: int
     activation: str = "gelu"
 
+    def __post_init__(self):
+        from .reference.adapter import ACTIVATIONS
+
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"AdapterShape: unknown activation {self.activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+
     def __str__(self) -> str:
         return f"M={self.m},d={self.d},r={self.r},{self.activation}"
 
 
-ADAPTER_DEFAULT_SHAPES = (AdapterShape(4096, 1024, 64),)
+# Houlsby's BERT-base setting (d=768, bottleneck 64) over 512 tokens, and a wider layer over 4096.
+ADAPTER_DEFAULT_SHAPES = (AdapterShape(512, 768, 64), AdapterShape(4096, 1024, 64))
 ADAPTER_QUICK_SHAPES = (AdapterShape(256, 128, 16),)
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shutil
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -37,22 +42,156 @@ def _info(_args) -> int:
     return 0
 
 
-_OPS = ("lora", "prefix", "adapter")
-_DEFAULT_OPS = ("lora", "prefix", "adapter")
+class _Progress:
+    """A one-line progress bar on ``stream`` (stderr): ``[####------] 3/11 0:42 <label>``.
+
+    On a terminal the line is redrawn in place, and anything written to stdout while the bar is
+    active (``with bar:``) first clears it, so tables and the bar never share a line. Elsewhere (a
+    CI log, a pipe) it never writes a carriage return or escape code: it prints one plain line per
+    unit of work started (``advance``), or per label when there is no total.
+    """
+
+    def __init__(self, total: int | None, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.total, self.done, self.label = total, 0, ""
+        self.started = time.perf_counter()
+        self.drawn = False
+        self._stdout = None
+
+    def __enter__(self):
+        self._stdout = sys.stdout
+        sys.stdout = _ClearingWriter(self._stdout, self)
+        return self
+
+    def __exit__(self, *exc):
+        self.clear()
+        sys.stdout = self._stdout
+
+    def _elapsed(self) -> str:
+        seconds = int(time.perf_counter() - self.started)
+        return f"{seconds // 60}:{seconds % 60:02d}"
+
+    def __call__(self, label: str) -> None:
+        """Shows what runs now."""
+        self.label = label
+        if self.tty:
+            self._draw()
+        elif self.total is None:
+            print(f"  {self._elapsed()} {label}", file=self.stream, flush=True)
+
+    def start(self, label: str) -> None:
+        """Starts the next unit of work (``done + 1`` of ``total``)."""
+        self.label = label
+        if self.tty:
+            self._draw()
+        else:
+            print(f"[{self.done + 1}/{self.total}] {self._elapsed()} {label}", file=self.stream, flush=True)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.tty:
+            self._draw()
+
+    def _draw(self) -> None:
+        width = shutil.get_terminal_size((80, 24)).columns
+        if self.total:
+            filled = 20 * self.done // self.total
+            head = f"[{'#' * filled}{'-' * (20 - filled)}] {self.done}/{self.total} {self._elapsed()} "
+        else:
+            head = f"{self._elapsed()} "
+        self.stream.write("\r\033[K" + (head + self.label)[:width - 1])
+        self.stream.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = False
+
+    def iterate(self, op: str, cases):
+        """Yields ``cases``, starting a unit before each and advancing after it."""
+        for case in cases:
+            self.start(f"{op} {case.shape}")
+            yield case
+            self.advance()
+
+
+class _ClearingWriter:
+    """stdout while a progress bar is active: clears the bar before each write."""
+
+    def __init__(self, stream, bar: _Progress):
+        self._stream, self._bar = stream, bar
+
+    def write(self, text: str) -> int:
+        self._bar.clear()
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@dataclass(frozen=True)
+class _Suite:
+    name: str  # the op column of its CSV rows and the CSV's file name
+    shape_type: type
+    default_shapes: tuple
+    quick_shapes: tuple
+    cases: Callable  # (shapes, dtype, device) -> cases of benchmark.run_cases
+
+
+_OPS = ("lora", "prefix", "adapter", "e2e")
+_DEFAULT_OPS = _OPS
+
+
+def _suite(op: str, device: str) -> _Suite:
+    """The shapes and case builder of ``op``; the end-to-end suite (which needs transformers and
+    PEFT) is imported only when asked for."""
+    from . import benchmark
+
+    if op == "lora":
+        return _Suite("lora_linear", benchmark.LoraShape, benchmark.LORA_DEFAULT_SHAPES, benchmark.LORA_QUICK_SHAPES,
+                      benchmark.lora_cases)
+    if op == "prefix":
+        return _Suite("prefix_attention", benchmark.PrefixShape, benchmark.PREFIX_DEFAULT_SHAPES,
+                      benchmark.PREFIX_QUICK_SHAPES, benchmark.prefix_cases)
+    if op == "adapter":
+        return _Suite("adapter", benchmark.AdapterShape, benchmark.ADAPTER_DEFAULT_SHAPES, benchmark.ADAPTER_QUICK_SHAPES,
+                      benchmark.adapter_cases)
+    from . import e2e
+
+    return _Suite("e2e", e2e.E2EShape, tuple(e2e.E2E_DEFAULT_SHAPES[device]), tuple(e2e.E2E_QUICK_SHAPES), e2e.e2e_cases)
 
 
 def _bench(args) -> int:
     from . import benchmark
 
+    started = time.perf_counter()
+    if args.gpu_report:
+        from .gpu_report import run_gpu_report
+
+        with _Progress(None) as bar:
+            return run_gpu_report(args.out, progress=bar)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("deltakern bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in ops if op not in _OPS]
-    if unknown:
-        print(f"deltakern bench: unknown op(s) {', '.join(unknown)}; choose from {', '.join(_OPS)}", file=sys.stderr)
+    if unknown or not ops:
+        print(f"deltakern bench: unknown op(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(_OPS)}",
+              file=sys.stderr)
         return 2
+    suites = {op: _suite(op, device) for op in ops}
+    shapes = {op: suite.quick_shapes if args.quick else suite.default_shapes for op, suite in suites.items()}
+    if args.shapes:
+        try:
+            shapes.update((op, found) for op, found in benchmark.load_shapes(
+                args.shapes, {op: _suite(op, device).shape_type for op in _OPS}).items() if op in suites)
+        except ValueError as e:
+            print(f"deltakern bench: {e}", file=sys.stderr)
+            return 2
     dtype = getattr(torch, args.dtype)
     if args.backend:
         backends = [args.backend]
@@ -61,54 +200,77 @@ def _bench(args) -> int:
         backends = [b for b, state in availability(device).items()
                     if state == "available" and b != "reference" and not (b == "triton" and device == "cpu")]
     warmup, repeats = (1, 3) if args.quick else (3, 15)
-    suites = {
-        "lora": ("lora_linear", benchmark.lora_cases(
-            benchmark.LORA_QUICK_SHAPES if args.quick else benchmark.LORA_DEFAULT_SHAPES, dtype, device)),
-        "prefix": ("prefix_attention", benchmark.prefix_cases(
-            benchmark.PREFIX_QUICK_SHAPES if args.quick else benchmark.PREFIX_DEFAULT_SHAPES, dtype, device)),
-        "adapter": ("adapter", benchmark.adapter_cases(
-            benchmark.ADAPTER_QUICK_SHAPES if args.quick else benchmark.ADAPTER_DEFAULT_SHAPES, dtype, device)),
-    }
+    os.makedirs(args.out, exist_ok=True)
     print(f"deltakern bench: {', '.join(ops)} on {device} {args.dtype}; deltakern backends: {', '.join(backends) or 'none'}; "
-          f"median of {repeats} interleaved repeats", flush=True)
-    failed = 0
-    for op in ops:
-        name, cases = suites[op]
-        results = benchmark.run_cases(name, cases, backends, warmup, repeats, with_compile=not args.no_compile,
-                                      progress=lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
-        _print_table(results)
-        path = os.path.join(args.out, f"{name}.csv")
-        benchmark.write_csv((r.row for r in results), path)
-        print(f"wrote {path}\n")
-        for r in results:
-            if not r.ok and r.row.metric == "saved_MB":
-                failed += 1
-                print(f"FAIL {r.row.op} {r.row.provider} {r.row.shape}: {r.detail}", file=sys.stderr)
+          f"median of {repeats} interleaved repeats (e2e: of fewer training steps)", flush=True)
+    everything, csv_paths = [], []
+    with _Progress(sum(len(s) for s in shapes.values())) as bar:
+        for op in ops:
+            suite = suites[op]
+            bar(f"{op}: building {len(shapes[op])} case(s)")
+            cases = suite.cases(shapes[op], dtype, device)
+            results = benchmark.run_cases(suite.name, bar.iterate(suite.name, cases), backends, warmup, repeats,
+                                          with_compile=not args.no_compile, progress=bar)
+            _print_table(results)
+            path = os.path.join(args.out, f"{suite.name}.csv")
+            benchmark.write_csv((r.row for r in results), path)
+            csv_paths.append(path)
+            print(f"wrote {path}\n", flush=True)
+            everything += results
+    failed = benchmark.failures(everything)
+    for r in failed:
+        print(f"FAIL {r.row.op} {r.row.provider} {r.row.shape}: {r.detail}", file=sys.stderr)
+    from .plots import plot_run
+
+    for path in plot_run(csv_paths, args.out):
+        print(f"wrote {path}")
+    summary = {
+        "machine": benchmark.machine(),
+        "versions": benchmark.versions(),
+        "git_sha": benchmark.git_sha(),
+        "args": {k: v for k, v in vars(args).items() if k not in ("command", "run")},
+        "backends": backends,
+        "warmup": warmup,
+        "repeats": repeats,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "failed": len(failed),
+        "results": benchmark.summarize(everything),
+    }
+    path = os.path.join(args.out, "summary.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"wrote {path}")
     return 1 if failed else 0
 
 
 def _print_table(results) -> None:
     """One line per (shape, provider, mode): median, ratio to PEFT's way (``reference``) and to the
     case's first provider (its floor); for the full step the bytes saved for backward and the
-    peak memory; and the check."""
+    peak memory, and the tokens per second where the op has them (e2e); and the check."""
     from .benchmark import MODES
 
+    shapes = list(dict.fromkeys(r.row.shape for r in results))
     providers = list(dict.fromkeys(r.row.provider for r in results))
     by_key = {(r.row.shape, r.row.provider, r.row.mode, r.row.metric): r for r in results}
-    header = f"{'shape':<36} {'provider':<18} {'mode':<5} {'p50 ms':>9} {'x ref':>6} {'x base':>7} {'saved MB':>9} {'peak MB':>8}  check"
+    tokens = any(r.row.metric == "tokens_per_s" for r in results)
+    tokens_column = f" {'tokens/s':>10}" if tokens else ""
+    header = (f"{'shape':<36} {'provider':<18} {'mode':<5} {'p50 ms':>9} {'x ref':>6} {'x base':>7} {'saved MB':>9} "
+              f"{'peak MB':>8}{tokens_column}  check")
     print(header)
     print("-" * len(header))
     timed = [r for r in results if r.row.metric == "ms"]
-    timed.sort(key=lambda r: (r.row.shape, providers.index(r.row.provider), MODES.index(r.row.mode)))
+    timed.sort(key=lambda r: (shapes.index(r.row.shape), providers.index(r.row.provider), MODES.index(r.row.mode)))
     for r in timed:
         row = r.row
         ref = by_key[(row.shape, "reference", row.mode, "ms")]
         base = by_key[(row.shape, providers[0], row.mode, "ms")]
-        memory = " " * 18
+        memory = " " * 18 + (" " * 11 if tokens else "")
         if row.mode == "full":
             saved = by_key[(row.shape, row.provider, "full", "saved_MB")].row.p50
             peak = by_key[(row.shape, row.provider, "full", "peak_MB")].row.p50
             memory = f"{saved:9.2f} {peak:8.2f}"
+            if tokens:
+                memory += f" {by_key[(row.shape, row.provider, 'full', 'tokens_per_s')].row.p50:10.0f}"
         print(f"{row.shape:<36} {row.provider:<18} {row.mode:<5} {row.p50:9.2f} "
               f"{row.p50 / ref.row.p50:6.2f} {row.p50 / base.row.p50:7.2f} {memory}  {'ok' if r.ok else 'FAIL'}")
 
@@ -125,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     bench.add_argument("--backend", choices=BACKENDS, help="time only this deltakern backend")
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
-    bench.add_argument("--out", default="deltakern-bench", help="directory for the CSV (default ./deltakern-bench)")
+    bench.add_argument("--shapes", metavar="FILE",
+                       help='JSON file of shapes replacing the defaults of the ops it names: '
+                            '{"lora": [{"m": 2048, "in_features": 1024, ...}], "prefix": [...], "adapter": [...], "e2e": [...]}')
+    bench.add_argument("--gpu-report", action="store_true",
+                       help="instead of timing: the sm_80/sm_90 compile report of every GPU kernel (table and CSV)")
+    bench.add_argument("--out", default="deltakern-bench",
+                       help="directory for the CSVs, summary.json and PNG plots (default ./deltakern-bench)")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)

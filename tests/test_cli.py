@@ -1,11 +1,19 @@
 """The command line: ``deltakern info`` and ``deltakern bench``."""
 
 import csv
+import io
+import json
+import sys
+import types
+from dataclasses import dataclass
 
 import pytest
+import torch
 
-from deltakern import benchmark
+from deltakern import benchmark, cli
 from deltakern.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_info_lists_every_backend(capsys):
@@ -42,7 +50,242 @@ def test_bench_marks_a_wrong_result_and_fails(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(benchmark.LoraCase, "peft_way", lambda self, x: original(self, x) * 1.01)
     assert main(["bench", "--ops", "lora", "--quick", "--no-compile", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()
-    assert "FAIL lora_linear reference" in captured.err
+    # One FAIL line per failed provider and shape, however many rows (3 modes, 2 memory metrics) it has.
+    assert captured.err.count("FAIL lora_linear reference") == 1
+    assert "FAIL lora_linear deltakern-cpu" not in captured.err
+    table = [line.split() for line in captured.out.splitlines() if line.startswith("M=256")]
+    assert {(cols[1], cols[-1]) for cols in table} == {("frozen-linear", "ok"), ("reference", "FAIL"), ("deltakern-cpu", "ok")}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["failed"] == 1
+    assert {e["provider"]: e["check"] for e in summary["results"]} == {
+        "frozen-linear": "ok", "reference": "FAIL", "deltakern-cpu": "ok"}
+
+
+def test_bench_fails_on_a_failed_check_of_any_provider(tmp_path, capsys, monkeypatch):
+    """A check failing for a baseline provider of the adapter op (not only PEFT's way) counts too."""
+    original = benchmark.AdapterCase.check
+    monkeypatch.setattr(benchmark.AdapterCase, "check",
+                        lambda self, provider, fn: (False, 7.0) if provider == "deltakern-cpu" else original(self, provider, fn))
+    assert main(["bench", "--ops", "adapter", "--quick", "--no-compile", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("FAIL adapter deltakern-cpu M=256,d=128,r=16,gelu: max scaled error 7") == 1
+    assert err.count("FAIL ") == 1
+
+
+def _csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_writes_summary_and_plots_that_agree_with_the_csv(tmp_path, capsys):
+    assert main(["bench", "--ops", "adapter", "--quick", "--no-compile", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("adapter.csv", "adapter_time.png", "memory.png", "summary.json"):
+        assert f"wrote {tmp_path / name}" in out
+    for png in ("adapter_time.png", "memory.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000  # bars, labels and a legend, not an empty canvas
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"machine", "versions", "git_sha", "args", "backends", "warmup", "repeats", "wall_s", "failed", "results"}
+    assert set(summary["machine"]) == {"cpu", "cores", "torch_threads", "memory_GiB", "gpus"}
+    assert summary["machine"]["cores"] >= 1 and summary["machine"]["cpu"]
+    assert summary["versions"]["torch"] == torch.__version__
+    assert summary["args"]["ops"] == "adapter" and summary["args"]["quick"] is True
+    assert summary["git_sha"] == benchmark.git_sha()
+    assert (summary["warmup"], summary["repeats"], summary["failed"]) == (1, 3, 0)
+    rows = _csv(tmp_path / "adapter.csv")
+    medians = {(r["provider"], r["mode"], r["metric"]): float(r["p50"]) for r in rows}
+    entries = {e["provider"]: e for e in summary["results"]}
+    assert set(entries) == {"reference", "deltakern-cpu"}
+    for provider, entry in entries.items():
+        assert (entry["op"], entry["shape"], entry["check"]) == ("adapter", "M=256,d=128,r=16,gelu", "ok")
+        for mode in ("fwd", "bwd", "full"):
+            assert entry[f"{mode}_ms"] == pytest.approx(medians[(provider, mode, "ms")], rel=1e-12)
+        assert entry["saved_MB"] == pytest.approx(medians[(provider, "full", "saved_MB")], rel=1e-12)
+        assert entry["peak_MB"] == pytest.approx(medians[(provider, "full", "peak_MB")], rel=1e-12)
+        assert entry["ratio_to_reference"] == pytest.approx(
+            medians[(provider, "full", "ms")] / medians[("reference", "full", "ms")], rel=1e-12)
+        assert entry["tokens_per_s"] is None
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "shapes.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def test_bench_shapes_file_replaces_the_shapes_of_the_ops_it_names(tmp_path, capsys):
+    shapes = _write(tmp_path, {"lora": [{"m": 64, "in_features": 48, "out_features": 32, "r": 4, "dropout_p": 0.0}],
+                               "adapter": [{"m": 40, "d": 24, "r": 8, "activation": "silu"},
+                                           {"m": 16, "d": 8, "r": 2}]})
+    out_dir = tmp_path / "out"
+    assert main(["bench", "--ops", "adapter", "--quick", "--no-compile", "--shapes", shapes, "--out", str(out_dir)]) == 0
+    rows = _csv(out_dir / "adapter.csv")
+    assert list(dict.fromkeys(r["shape"] for r in rows)) == ["M=40,d=24,r=8,silu", "M=16,d=8,r=2,gelu"]
+    assert not (out_dir / "lora_linear.csv").exists()  # named in the file but not in --ops
+
+
+@pytest.mark.parametrize("data, message", [
+    ("{not json", "not valid JSON"),
+    ([1, 2], "expected a JSON object mapping ops"),
+    ({"lora2": [{}]}, "unknown op 'lora2'; expected one of lora, prefix, adapter, e2e"),
+    ({"lora": {}}, "'lora' must be a non-empty list of objects"),
+    ({"lora": [{"m": 64, "in_features": 48, "out_features": 32, "r": 4}]}, "lora[0]: missing field(s) dropout_p"),
+    ({"adapter": [{"m": 8, "d": 8, "r": 2}, {"m": 8, "d": 8, "r": 2, "rank": 3}]}, "adapter[1]: unknown field(s) rank"),
+    ({"prefix": [{"b": 1, "hq": 2, "hkv": 1, "length": 8, "p": 0, "d": 8}]}, "prefix[0]: field 'p' must be an integer >= 1, got 0"),
+    ({"prefix": [{"b": 1, "hq": 3, "hkv": 2, "length": 8, "p": 2, "d": 8}]}, "prefix[0]: PrefixShape: hq (3) must be a multiple of hkv (2)"),
+    ({"prefix": [{"b": 1, "hq": 2, "hkv": 1, "length": 8, "p": 2, "d": 8, "causal": 1}]}, "field 'causal' must be true or false, got 1"),
+    ({"lora": [{"m": 8, "in_features": 8, "out_features": 8, "r": 2, "dropout_p": 1.5}]}, "LoraShape: dropout_p must be in [0, 1), got 1.5"),
+    ({"adapter": [{"m": 8, "d": 8, "r": 2, "activation": "swish"}]}, "AdapterShape: unknown activation 'swish'"),
+])
+def test_bench_rejects_a_bad_shapes_file_naming_the_fault(tmp_path, capsys, data, message):
+    path = _write(tmp_path, data)
+    assert main(["bench", "--ops", "lora", "--quick", "--shapes", path, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"deltakern bench: --shapes {path}: " in err and message in err
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_bench_rejects_a_missing_shapes_file(tmp_path, capsys):
+    missing = str(tmp_path / "nope.json")
+    assert main(["bench", "--shapes", missing, "--out", str(tmp_path)]) == 2
+    assert f"--shapes {missing}: cannot read it: No such file or directory" in capsys.readouterr().err
+
+
+@dataclass(frozen=True)
+class _FakeE2EShape:
+    method: str
+    seq: int
+
+    def __str__(self):
+        return f"{self.method},seq={self.seq}"
+
+
+class _FakeE2ECase:
+    """A stand-in following the run_cases protocol with ``tokens``: out = x * 2, checked exactly."""
+
+    def __init__(self, shape, dtype, device):
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.tokens = 4 * shape.seq
+        self.warmup, self.repeats = 0, 2
+        self.x = torch.ones(shape.seq, requires_grad=True)
+
+    def providers(self, backends, with_compile=True):
+        return {"reference": lambda x: x * 2, **{f"deltakern-{b}": (lambda x: x + x) for b in backends}}
+
+    def check(self, provider, fn):
+        return bool(torch.equal(fn(self.x), self.x * 2)), 0.0
+
+    def run_mode(self, provider, fn, mode):
+        if mode == "bwd":
+            return (lambda y: y.sum().backward()), (lambda: fn(self.x))
+        return (lambda: fn(self.x).sum().backward() if mode == "full" else fn(self.x)), None
+
+    def saved_bytes(self, fn):
+        return benchmark.saved_tensors_bytes(lambda: fn(self.x))
+
+
+@pytest.fixture
+def fake_e2e(monkeypatch):
+    module = types.ModuleType("deltakern.e2e")
+    module.E2EShape = _FakeE2EShape
+    module.E2E_DEFAULT_SHAPES = {"cpu": (_FakeE2EShape("lora", 64),), "cuda": (_FakeE2EShape("lora", 128),)}
+    module.E2E_QUICK_SHAPES = (_FakeE2EShape("lora", 8), _FakeE2EShape("adapter", 16))
+    module.e2e_cases = lambda shapes, dtype, device: [_FakeE2ECase(s, dtype, device) for s in shapes]
+    monkeypatch.setitem(sys.modules, "deltakern.e2e", module)
+    monkeypatch.setattr("deltakern.e2e", module, raising=False)
+    return module
+
+
+def test_bench_e2e_reports_tokens_per_second(tmp_path, capsys, fake_e2e):
+    assert main(["bench", "--ops", "e2e", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = _csv(tmp_path / "e2e.csv")
+    rates = {(r["shape"], r["provider"]): r for r in rows if r["metric"] == "tokens_per_s"}
+    times = {(r["shape"], r["provider"]): r for r in rows if r["metric"] == "ms" and r["mode"] == "full"}
+    assert set(rates) == set(times) == {(s, p) for s in ("lora,seq=8", "adapter,seq=16") for p in ("reference", "deltakern-cpu")}
+    for key, rate in rates.items():
+        tokens = 32 if key[0] == "lora,seq=8" else 64
+        assert rate["mode"] == "full"
+        # tokens per step over the step's time; the slow (p80) step gives the low (p20) rate.
+        assert float(rate["p50"]) == pytest.approx(tokens / (float(times[key]["p50"]) / 1e3), rel=1e-9)
+        assert float(rate["p20"]) == pytest.approx(tokens / (float(times[key]["p80"]) / 1e3), rel=1e-9)
+    assert "tokens/s" in out.splitlines()[1]
+    full_lines = [line.split() for line in out.splitlines() if line.startswith("lora,seq=8") and " full " in line]
+    assert [cols[-2] for cols in full_lines] == [f"{float(rates[('lora,seq=8', p)]['p50']):.0f}" for p in ("reference", "deltakern-cpu")]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {(e["shape"], e["provider"]): e["tokens_per_s"] for e in summary["results"]} == pytest.approx(
+        {key: float(rate["p50"]) for key, rate in rates.items()})
+    assert (tmp_path / "e2e_time.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_e2e_takes_shapes_from_the_file(tmp_path, capsys, fake_e2e):
+    shapes = _write(tmp_path, {"e2e": [{"method": "prefix", "seq": 4}]})
+    assert main(["bench", "--ops", "e2e", "--shapes", shapes, "--out", str(tmp_path)]) == 0
+    assert {r["shape"] for r in _csv(tmp_path / "e2e.csv")} == {"prefix,seq=4"}
+    bad = _write(tmp_path, {"e2e": [{"method": "prefix", "seq": 4, "hidden": 8}]})
+    assert main(["bench", "--ops", "e2e", "--shapes", bad, "--out", str(tmp_path)]) == 2
+    assert "e2e[0]: unknown field(s) hidden; expected method, seq" in capsys.readouterr().err
+
+
+def test_bench_gpu_report_runs_only_the_report(tmp_path, capsys, monkeypatch):
+    calls = []
+    module = types.ModuleType("deltakern.gpu_report")
+
+    def run_gpu_report(out_dir, progress=None):
+        calls.append(out_dir)
+        progress("compiling lora_linear for sm_90")
+        print("the report table")
+        return 3
+
+    module.run_gpu_report = run_gpu_report
+    monkeypatch.setitem(sys.modules, "deltakern.gpu_report", module)
+    monkeypatch.setattr("deltakern.gpu_report", module, raising=False)
+    assert main(["bench", "--gpu-report", "--out", str(tmp_path)]) == 3
+    captured = capsys.readouterr()
+    assert calls == [str(tmp_path)]
+    assert captured.out == "the report table\n"  # no timing, no table of ours
+    assert "compiling lora_linear for sm_90" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal():
+    stream = _Stream(tty=False)
+    bar = cli._Progress(2, stream)
+    shapes = [types.SimpleNamespace(shape="M=1"), types.SimpleNamespace(shape="M=2")]
+    with bar:
+        for _ in bar.iterate("lora_linear", shapes):
+            bar("lora_linear M=1: timing fwd")
+            print("a table line")
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and "\033" not in stream.getvalue()
+    assert [line.split(" ", 2)[::2] for line in lines] == [["[1/2]", "lora_linear M=1"], ["[2/2]", "lora_linear M=2"]]
+
+
+def test_progress_on_a_terminal_clears_itself_before_stdout_writes(monkeypatch):
+    stream, stdout = _Stream(tty=True), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    bar = cli._Progress(4, stream)
+    with bar:
+        bar.start("adapter M=1")
+        bar("adapter M=1: timing bwd")
+        bar.advance()
+        print("table")
+    assert sys.stdout is stdout and stdout.getvalue() == "table\n"
+    drawn = stream.getvalue().split("\r\033[K")
+    assert drawn[1].startswith("[--------------------] 0/4 0:00 adapter M=1")
+    assert drawn[2].endswith("adapter M=1: timing bwd")
+    assert drawn[3].startswith("[#####---------------] 1/4 ")
+    assert drawn[4:] == [""]  # cleared before "table" went to stdout, nothing drawn after
 
 
 def test_peak_bytes_follows_allocations():
