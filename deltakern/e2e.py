@@ -1,0 +1,356 @@
+"""End-to-end fine-tuning step of ``deltakern bench``: a Llama-style causal LM built from a
+transformers ``LlamaConfig`` with random weights (nothing downloads), fine-tuned by LoRA, prefix
+tuning or Houlsby adapters, the PEFT way against deltakern's.
+
+One training step (mode ``full``) is ``zero_grad`` + forward with ``labels`` (mean cross-entropy of
+the next token) + ``loss.backward()`` + ``AdamW.step()`` over the trainable (delta) parameters:
+everything a training loop does per batch, so ``tokens / step time`` is the training throughput.
+Mode ``fwd`` is the forward with the autograd graph built, ``bwd`` the backward alone.
+
+Providers (the ``providers`` dict of :class:`E2ECase`):
+
+- ``reference``: what a user runs today. LoRA and prefix tuning: PEFT's ``get_peft_model`` with
+  ``LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")`` or
+  ``PrefixTuningConfig(num_virtual_tokens=32)``. Adapters (PEFT has no bottleneck adapters): an
+  eager Houlsby adapter ``y + up(relu(down(y)))`` (bottleneck 64) as a forward hook on every
+  attention output projection (``o_proj``) and FFN output projection (``down_proj``), the
+  placement of ``deltakern.add_adapters(..., placement="houlsby")``, in plain torch.
+- ``torch.compile``: the compiled reference, on CUDA only (there the eval-mode check below
+  compiles a second graph; the 3 warm-up steps absorb the train-mode one). It works on CPU too,
+  but compiling is too slow for the suite's budget (~90 s for the whole end-to-end part) on this
+  2-core machine: 42 s for the first call of the LoRA reference at the CPU default shape, 14-26 s
+  per method even at the quick shape, and for LoRA as much again for the train-mode graph (dropout
+  on) after the eval-mode check.
+- ``deltakern-<backend>``: the same model with ``deltakern.add_lora`` / ``add_prefix`` /
+  ``add_adapters`` and the ops forced to ``backend`` with :func:`deltakern.use_backend`.
+
+Both models have the same base weights (one seeded build, copied) and the same delta weights (the
+reference's copied into deltakern's; LoRA's B drawn non-zero so the LoRA path matters). ``check``
+compares the loss and every delta parameter's gradient with the eager reference's in the same
+dtype, with dropout off in both (eval mode): LoRA dropout draws its masks from different generators
+(torch's for PEFT, Philox for deltakern), so with dropout on the two steps differ by design. The
+timed steps run in train mode with ``lora_dropout=0.05``. Sequences are packed to the full length,
+so no attention mask is passed: both sides build only the causal structure.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .benchmark import check_close, saved_tensors_bytes
+
+METHODS = ("lora", "prefix", "adapter")
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
+PREFIX_TOKENS = 32
+ADAPTER_BOTTLENECK = 64
+# LoRA's B starts at zero (PEFT and deltakern alike), which would make the LoRA path's output and
+# A's gradient zero; the benchmark draws B like the base layers (HF's initializer_range).
+LORA_B_STD = 0.02
+LEARNING_RATE = 1e-4
+_SEED = 0
+# Loss and each delta gradient, relative to the largest magnitude of the reference's tensor:
+# (atol, rtol) of check_close. deltakern's fused kernels sum in another order than PEFT's chain of
+# ops. fp32: the worst scaled errors at the CPU default shapes were 0.012 (lora), 0.009 (prefix)
+# and 0.006 (adapter). bf16: 0.24, 0.10 and 0.39 at the quick shapes. fp16 (CUDA only: the CPU
+# backend has no fp16) takes bf16's bound unmeasured; it keeps 3 more mantissa bits.
+_TOLERANCES = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (5e-2, 5e-2), torch.float16: (5e-2, 5e-2)}
+
+
+@dataclass(frozen=True)
+class E2EShape:
+    """A Llama-style model (``hidden`` size, ``layers``, attention ``heads`` and ``kv_heads``, FFN
+    ``intermediate`` size, ``vocab``) fine-tuned with ``method`` on ``batch`` sequences of ``seq``
+    tokens. Raises ``ValueError`` for an unknown method or a size that does not fit."""
+
+    method: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    seq: int
+    batch: int
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"E2EShape: unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"E2EShape: {name} must be an int >= 1, got {value!r}")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"E2EShape: hidden ({self.hidden}) must be a multiple of heads ({self.heads}) and heads "
+                             f"a multiple of kv_heads ({self.kv_heads})")
+
+    def __str__(self) -> str:
+        return f"{self.method},h={self.hidden},L={self.layers},seq={self.seq},b={self.batch}"
+
+
+def _shapes(hidden, layers, heads, kv_heads, intermediate, vocab, seq, batch) -> tuple[E2EShape, ...]:
+    return tuple(E2EShape(method, hidden, layers, heads, kv_heads, intermediate, vocab, seq, batch) for method in METHODS)
+
+
+# Head size 64 (CPU) / 128 (CUDA), grouped-query attention with 4 query heads per key/value head
+# and an FFN 2.6875 times the hidden size, as in Llama 2/3. Vocabularies are chosen so the output
+# layer holds 16% of the weights the tokens are multiplied by (CPU: 2.1M of 13.2M; CUDA: 65.5M
+# of 420M), between Llama 2 7B (2%) and Llama 3.2 1B (21%); a 32000-word head on the 512-wide CPU
+# model would be 60% of them and hide the layers the methods change.
+E2E_DEFAULT_SHAPES = {
+    "cpu": _shapes(hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1376, vocab=4096, seq=256, batch=4),
+    "cuda": _shapes(hidden=2048, layers=8, heads=16, kv_heads=4, intermediate=5504, vocab=32000, seq=1024, batch=8),
+}
+E2E_QUICK_SHAPES = _shapes(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=256, seq=32, batch=2)
+
+
+def _require_hf():
+    try:
+        import peft
+        import transformers
+    except ImportError as error:
+        raise ValueError(f"the end-to-end benchmark builds its models with transformers and PEFT: {error}") from error
+    return transformers, peft
+
+
+class _HoulsbyAdapter(nn.Module):
+    """The eager reference adapter: ``y + up(relu(down(y)))``, weights ``down [r, d]``, ``up [d, r]``."""
+
+    def __init__(self, d_model: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(d_model, bottleneck)
+        self.up = nn.Linear(bottleneck, d_model)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.up(torch.relu(self.down(y)))
+
+
+def _houlsby_targets(layers: int) -> list[str]:
+    """Where Houlsby puts adapters in a LlamaForCausalLM: after each attention and FFN output projection."""
+    return [f"model.layers.{i}.{name}" for i in range(layers) for name in ("self_attn.o_proj", "mlp.down_proj")]
+
+
+class _Step:
+    """A provider: calling it runs the forward with labels on ``model`` and returns the loss;
+    ``backend`` (if any) is forced with ``deltakern.use_backend`` around the forward (the op's
+    backward runs on the backend its forward chose)."""
+
+    def __init__(self, model: nn.Module, call: Callable, inputs: dict, backend: str | None = None):
+        self.model, self.call, self.inputs, self.backend = model, call, inputs, backend
+
+    def __call__(self) -> torch.Tensor:
+        if self.backend is None:
+            with warnings.catch_warnings():
+                # PEFT's prefix tuning passes ``past_key_values``, which transformers 5 deprecates.
+                warnings.simplefilter("ignore", FutureWarning)
+                return self.call(**self.inputs).loss
+        from .backend import use_backend
+
+        with use_backend(self.backend):
+            return self.call(**self.inputs).loss
+
+
+class E2ECase:
+    """The two models of one :class:`E2EShape` and the providers that train them for one step.
+
+    Attributes:
+        shape, dtype, device: as given.
+        tokens: tokens per training step, ``batch * seq``.
+        warmup, repeats: the steps to warm up and to time per mode, in place of the suite's (a
+            step of a default shape is 0.3-0.5 s on CPU, 20-50 times an op benchmark's call).
+        reference: the PEFT model (or the base model with eager adapter hooks).
+        model: the deltakern model.
+    """
+
+    def __init__(self, shape: E2EShape, dtype: torch.dtype, device: str):
+        if not isinstance(shape, E2EShape):
+            raise ValueError(f"E2ECase: shape must be an E2EShape, got {type(shape).__name__}")
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.tokens = shape.batch * shape.seq
+        # CPU: the whole end-to-end part (3 methods, reference and deltakern-cpu) took 31 s with
+        # (1, 3) on this idle 2-core machine, ~40 s with (1, 5); under other jobs' load, 9 times that.
+        # CUDA: 3 warm-up steps cover torch.compile's train-mode graph and its lazily compiled backward.
+        self.warmup, self.repeats = (1, 5) if device == "cpu" else (3, 10)
+        transformers, _ = _require_hf()
+        config = transformers.LlamaConfig(
+            vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+            max_position_embeddings=shape.seq + PREFIX_TOKENS, use_cache=False)
+        torch.manual_seed(_SEED)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+        ours = copy.deepcopy(base)
+        self.reference = self._reference(base).train()
+        self.model = self._deltakern(ours).train()
+        self.pairs = self._delta_pairs()
+        self._initial = [reference.detach().clone() for _, reference, _ in self.pairs]
+        self._load_initial()
+        g = torch.Generator().manual_seed(_SEED + 1)
+        ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g).to(device)
+        self.inputs = {"input_ids": ids, "labels": ids}
+        self._optimizers: dict[int, torch.optim.Optimizer] = {}
+        self._expected: dict[str, torch.Tensor] | None = None
+
+    # -- models -----------------------------------------------------------------------------
+
+    def _reference(self, base: nn.Module) -> nn.Module:
+        _, peft = _require_hf()
+        method = self.shape.method
+        if method == "adapter":
+            base.requires_grad_(False)
+            torch.manual_seed(_SEED + 2)
+            adapters = nn.ModuleList()
+            for name in _houlsby_targets(self.shape.layers):
+                adapter = _HoulsbyAdapter(self.shape.hidden, ADAPTER_BOTTLENECK).to(device=self.device, dtype=self.dtype)
+                # Houlsby's init (near the identity), with non-zero biases so their gradients are checked too.
+                for parameter in adapter.parameters():
+                    nn.init.normal_(parameter, std=1e-2)
+                adapters.append(adapter)
+                base.get_submodule(name).register_forward_hook(lambda module, args, out, a=adapter: a(out))
+            base.add_module("houlsby_adapters", adapters)
+            return base
+        if method == "lora":
+            config = peft.LoraConfig(task_type="CAUSAL_LM", r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                                     target_modules="all-linear")
+        else:
+            config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_TOKENS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft.get_peft_model(base, config)
+        if method == "lora":
+            torch.manual_seed(_SEED + 2)
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.normal_(0.0, LORA_B_STD)
+        return model
+
+    def _deltakern(self, base: nn.Module) -> nn.Module:
+        from . import add_adapters, add_lora, add_prefix
+
+        method = self.shape.method
+        if method == "lora":
+            return add_lora(base, r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, target_modules="all-linear")
+        if method == "prefix":
+            return add_prefix(base, PREFIX_TOKENS)
+        return add_adapters(base, bottleneck=ADAPTER_BOTTLENECK, placement="houlsby", activation="relu", scaling=1.0)
+
+    def _delta_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """``(name, reference parameter, deltakern parameter)`` for every delta parameter."""
+        method = self.shape.method
+        if method == "lora":
+            from peft.tuners.lora import LoraLayer
+
+            base = self.reference.get_base_model()
+            layers = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+            pairs = []
+            for name, layer in layers:
+                ours = self.model.get_submodule(name)
+                pairs.append((f"{name}.lora_A", layer.lora_A["default"].weight, ours.lora_A))
+                pairs.append((f"{name}.lora_B", layer.lora_B["default"].weight, ours.lora_B))
+        elif method == "prefix":
+            pairs = [("prefix.embedding", self.reference.prompt_encoder["default"].embedding.weight,
+                      self.model.deltakern_prefix.embedding.weight)]
+        else:
+            pairs = []
+            for name, theirs in zip(_houlsby_targets(self.shape.layers), self.reference.houlsby_adapters):
+                ours = self.model.get_submodule(name).adapter
+                for key in ("down.weight", "down.bias", "up.weight", "up.bias"):
+                    pairs.append((f"{name}.adapter.{key}", theirs.get_parameter(key), ours.get_parameter(key)))
+        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+        if trainable != {id(ours) for _, _, ours in pairs}:
+            raise RuntimeError(f"E2ECase: deltakern's trainable parameters do not pair up with the reference's "
+                               f"({len(trainable)} trainable, {len(pairs)} pairs)")
+        return pairs
+
+    def _load_initial(self) -> None:
+        """Give both models the delta weights they started with (timed steps move them)."""
+        with torch.no_grad():
+            for (_, reference, ours), initial in zip(self.pairs, self._initial):
+                reference.copy_(initial)
+                ours.copy_(initial)
+
+    # -- providers --------------------------------------------------------------------------
+
+    def providers(self, backends: Iterable[str], with_compile: bool = True) -> dict[str, _Step]:
+        """``reference``, ``torch.compile`` (CUDA only, see the module docstring) and ``deltakern-<backend>``."""
+        found = {"reference": _Step(self.reference, self.reference, self.inputs)}
+        if with_compile and self.device == "cuda":
+            found["torch.compile"] = _Step(self.reference, torch.compile(self.reference), self.inputs)
+        for backend in backends:
+            found[f"deltakern-{backend}"] = _Step(self.model, self.model, self.inputs, backend)
+        return found
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if id(model) not in self._optimizers:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            self._optimizers[id(model)] = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+        return self._optimizers[id(model)]
+
+    def _gradients(self, fn: _Step) -> dict[str, torch.Tensor]:
+        """Loss and delta gradients of one step of ``fn`` at the initial delta weights, dropout off."""
+        self._load_initial()
+        fn.model.zero_grad(set_to_none=True)
+        fn.model.eval()
+        try:
+            loss = fn()
+            loss.backward()
+        finally:
+            fn.model.train()
+        column = 1 if fn.model is self.reference else 2
+        found = {"loss": loss.detach()}
+        for pair in self.pairs:
+            found[pair[0]] = pair[column].grad.detach().clone()
+        fn.model.zero_grad(set_to_none=True)
+        return found
+
+    def check(self, provider: str, fn: _Step) -> tuple[bool, float]:
+        """Compare ``fn``'s loss and delta gradients with the eager reference's, each relative to the
+        largest magnitude of the reference's tensor. The reference's own run is the expectation."""
+        results = self._gradients(fn)
+        if self._expected is None:
+            self._expected = results if provider == "reference" else self._gradients(
+                _Step(self.reference, self.reference, self.inputs))
+        scales = {name: expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+                  for name, expected in self._expected.items()}
+        atol, rtol = _TOLERANCES[self.dtype]
+        return check_close({name: value / scales[name] for name, value in results.items()},
+                           {name: value / scales[name] for name, value in self._expected.items()}, atol, rtol)
+
+    def run_mode(self, provider: str, fn: _Step, mode: str) -> tuple[Callable, Callable | None]:
+        """(timed callable, setup) for ``mode``: ``fwd`` builds the graph, ``bwd`` runs backward
+        only, ``full`` is the training step (zero_grad, forward, backward, AdamW step)."""
+        model = fn.model
+        optimizer = self._optimizer(model)
+        if mode == "fwd":
+            return fn, None
+        if mode == "full":
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                fn().backward()
+                optimizer.step()
+
+            return step, None
+        if mode != "bwd":
+            raise ValueError(f"E2ECase.run_mode: unknown mode {mode!r}; expected fwd, bwd or full")
+
+        def setup():
+            optimizer.zero_grad(set_to_none=True)
+            return fn()
+
+        return (lambda loss: loss.backward()), setup
+
+    def saved_bytes(self, fn: _Step) -> int:
+        """Bytes autograd saves for the backward of one forward of ``fn``, parameters excluded."""
+        return saved_tensors_bytes(fn, exclude=list(fn.model.parameters()))
+
+
+def e2e_cases(shapes: Iterable[E2EShape], dtype: torch.dtype, device: str) -> list[E2ECase]:
+    """One :class:`E2ECase` per shape (each builds its two models)."""
+    return [E2ECase(shape, dtype, device) for shape in shapes]

@@ -1,0 +1,147 @@
+"""The end-to-end fine-tuning benchmark (deltakern.e2e) on tiny Llama models: deltakern's step matches
+PEFT's (or the eager adapters') in loss and delta gradients, the providers, the training step, the
+bytes saved for backward, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+from deltakern import benchmark, e2e
+from deltakern.nn import LoRALinear
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
+
+SHAPES = {shape.method: shape for shape in e2e.E2E_QUICK_SHAPES}
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return {method: e2e.E2ECase(shape, torch.float32, "cpu") for method, shape in SHAPES.items()}
+
+
+def test_shapes():
+    assert [s.method for s in e2e.E2E_QUICK_SHAPES] == list(e2e.METHODS)
+    for device in ("cpu", "cuda"):
+        assert [s.method for s in e2e.E2E_DEFAULT_SHAPES[device]] == list(e2e.METHODS)
+    cpu = e2e.E2E_DEFAULT_SHAPES["cpu"][0]
+    assert (cpu.hidden, cpu.layers, cpu.seq, cpu.batch) == (512, 4, 256, 4)
+    assert str(cpu) == "lora,h=512,L=4,seq=256,b=4"
+    assert e2e.E2ECase(SHAPES["lora"], torch.float32, "cpu").tokens == SHAPES["lora"].batch * SHAPES["lora"].seq
+
+
+@pytest.mark.parametrize("method", e2e.METHODS)
+def test_deltakern_step_matches_the_reference(cases, method):
+    case = cases[method]
+    providers = case.providers(["cpu", "reference"], with_compile=True)
+    # torch.compile of the reference is left out on CPU (compile time, see deltakern.e2e).
+    assert list(providers) == ["reference", "deltakern-cpu", "deltakern-reference"]
+    assert providers["reference"].model is case.reference and providers["deltakern-cpu"].model is case.model
+    for name, fn in providers.items():
+        ok, worst = case.check(name, fn)
+        assert ok and worst < 0.1, (name, worst)
+    assert case.check("reference", providers["reference"]) == (True, 0.0)
+    # The check ran in eval mode; the models are back in train mode, where LoRA dropout is on.
+    assert case.reference.training and case.model.training
+
+
+@pytest.mark.parametrize("method", e2e.METHODS)
+def test_check_fails_when_the_models_differ(method):
+    case = e2e.E2ECase(SHAPES[method], torch.float32, "cpu")
+    providers = case.providers(["cpu"])
+    with torch.no_grad():
+        case.model.model.layers[0].mlp.gate_proj.weight.mul_(1.1)
+    ok, worst = case.check("deltakern-cpu", providers["deltakern-cpu"])
+    assert not ok and worst > 1.0
+
+
+def test_same_base_and_delta_weights(cases):
+    for method, case in cases.items():
+        base = case.reference.get_base_model() if method != "adapter" else case.reference
+        reference = {name: p for name, p in base.named_parameters() if not p.requires_grad}
+        ours = {name: p for name, p in case.model.named_parameters() if not p.requires_grad}
+        assert len(ours) == len(reference) > 0, method
+        ours_total = sum(p.numel() for p in ours.values())
+        assert ours_total == sum(p.numel() for p in reference.values()), method
+        embed = "model.embed_tokens.weight"
+        assert torch.equal(ours[embed], reference[embed]), method
+        for name, theirs, mine in case.pairs:
+            assert torch.equal(theirs, mine), name
+    lora = cases["lora"]
+    assert len(lora.pairs) == 2 * 7 * SHAPES["lora"].layers  # q, k, v, o, gate, up, down; not lm_head
+    assert all(mine.abs().max() > 0 for name, _, mine in lora.pairs if name.endswith("lora_B"))
+    layers = [m for m in lora.model.modules() if isinstance(m, LoRALinear)]
+    assert {m.dropout for m in layers} == {e2e.LORA_DROPOUT}
+    assert {(m.r, m.scaling) for m in layers} == {(16, 2.0)}
+    assert cases["prefix"].pairs[0][2].shape[0] == e2e.PREFIX_TOKENS
+    assert len(cases["adapter"].pairs) == 4 * 2 * SHAPES["adapter"].layers
+
+
+def test_training_step(cases):
+    case = cases["lora"]
+    fn = case.providers(["cpu"])["deltakern-cpu"]
+    loss = fn()
+    assert loss.dim() == 0 and abs(loss.item() - math.log(SHAPES["lora"].vocab)) < 0.5
+    timed, setup = case.run_mode("deltakern-cpu", fn, "bwd")
+    timed(setup())
+    assert all(mine.grad is not None and mine.grad.abs().max() > 0 for _, _, mine in case.pairs)
+    assert all(p.grad is None for p in case.model.parameters() if not p.requires_grad)
+    before = [mine.detach().clone() for _, _, mine in case.pairs]
+    base_before = case.model.lm_head.weight.detach().clone()
+    step, setup = case.run_mode("deltakern-cpu", fn, "full")
+    assert setup is None
+    step()
+    moved = [not torch.equal(b, mine) for b, (_, _, mine) in zip(before, case.pairs)]
+    assert all(moved)  # the optimizer step is part of the training step
+    assert torch.equal(case.model.lm_head.weight, base_before)
+    # check puts both models back on the same (initial) delta weights
+    assert case.check("deltakern-cpu", fn)[0]
+
+
+def test_saved_bytes(cases):
+    saved = {}
+    for method, case in cases.items():
+        providers = case.providers(["cpu"])
+        saved[method] = {name: case.saved_bytes(fn) for name, fn in providers.items()}
+    for method in ("lora", "prefix"):
+        assert saved[method]["deltakern-cpu"] < saved[method]["reference"], saved[method]
+    assert saved["adapter"]["deltakern-cpu"] <= saved["adapter"]["reference"], saved["adapter"]
+    assert all(v > 0 for per in saved.values() for v in per.values())
+    # Parameters are excluded: counting them adds at least every frozen linear weight (each is
+    # saved for the input gradient) and at most all parameters.
+    case = cases["lora"]
+    fn = case.providers(["cpu"])["deltakern-cpu"]
+    with_parameters = benchmark.saved_tensors_bytes(fn)
+    linear = sum(m.base_layer.weight.nbytes for m in case.model.modules() if isinstance(m, LoRALinear))
+    linear += case.model.lm_head.weight.nbytes
+    everything = sum(p.nbytes for p in case.model.parameters())
+    assert linear <= with_parameters - saved["lora"]["deltakern-cpu"] <= everything
+
+
+def test_run_cases_rows(cases):
+    # One method: the CPU profiler behind peak_MB takes seconds per provider even at this size.
+    results = benchmark.run_cases("e2e", [cases["lora"]], ["cpu"], warmup=0, repeats=1, with_compile=True)
+    assert all(r.ok for r in results), [(r.row.shape, r.row.provider, r.detail) for r in results if not r.ok]
+    rows = {(r.row.shape, r.row.provider, r.row.mode, r.row.metric): r.row for r in results}
+    for shape in [SHAPES["lora"]]:
+        for provider in ("reference", "deltakern-cpu"):
+            assert {metric for (s, p, mode, metric) in rows if (s, p) == (str(shape), provider)} == {
+                "ms", "saved_MB", "peak_MB", "tokens_per_s"}
+            assert {mode for (s, p, mode, metric) in rows if (s, p, metric) == (str(shape), provider, "ms")} == set(
+                benchmark.MODES)
+            step = rows[(str(shape), provider, "full", "ms")]
+            rate = rows[(str(shape), provider, "full", "tokens_per_s")]
+            assert rate.p50 == pytest.approx(shape.batch * shape.seq / (step.p50 / 1e3))
+            assert rows[(str(shape), provider, "full", "peak_MB")].p50 > 0
+
+
+def test_bad_input():
+    fields = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=256, seq=32, batch=2)
+    with pytest.raises(ValueError, match="unknown method 'dora'"):
+        e2e.E2EShape("dora", **fields)
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        e2e.E2EShape("lora", **{**fields, "batch": 0})
+    with pytest.raises(ValueError, match="multiple of heads"):
+        e2e.E2EShape("lora", **{**fields, "heads": 3})
+    with pytest.raises(ValueError, match="must be an E2EShape"):
+        e2e.e2e_cases(["lora"], torch.float32, "cpu")
