@@ -74,3 +74,10 @@ def inputs(family: str, batch: int = 2, length: int = 9, pad: int = 3, seed: int
     if family == "t5":
         out["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
     return out
+
+
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    """A scalar that weighs every output element with a fixed random weight, so each element's
+    gradient is exercised (a plain sum would hide errors that cancel)."""
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    return (out * weights).sum()

@@ -183,20 +183,3 @@ def test_checkpoint_errors(tmp_path):
         load_bitfit(models.build("llama"), {**config, "added_biases": ["model.norm"]}, state)
     with pytest.raises(ValueError, match="has no BitFit biases"):
         bitfit_checkpoint(models.build("llama"))
-
-
-def test_twenty_adamw_steps_lower_the_loss():
-    model = models.build("llama", initializer_range=0.2)
-    deltakern.add_bitfit(model, add_missing_biases=True).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    data = batch()
-    losses = []
-    for _ in range(20):
-        loss = model(**data).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    # Measured: 4.73 to 2.84 with 544 trainable biases (the same bar as the other methods in
-    # test_training.py).
-    assert losses[-1] < 0.75 * losses[0], losses

@@ -72,11 +72,6 @@ def ours_like(reference, family: str, projection_hidden=None):
     return model.eval()
 
 
-def loss_of(out: torch.Tensor) -> torch.Tensor:
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    return (out * weights).sum()
-
-
 @pytest.mark.parametrize("family", models.FAMILIES)
 def test_same_outputs_and_prefix_gradients_as_peft(family):
     reference = peft_model(family)
@@ -84,8 +79,8 @@ def test_same_outputs_and_prefix_gradients_as_peft(family):
     batch = models.inputs(family)
     theirs_out, ours_out = output(reference(**batch)), output(ours(**batch))
     torch.testing.assert_close(ours_out, theirs_out, **TOL)
-    loss_of(theirs_out).backward()
-    loss_of(ours_out).backward()
+    models.loss_of(theirs_out).backward()
+    models.loss_of(ours_out).backward()
     theirs_grad = reference.prompt_encoder["default"].embedding.weight.grad
     ours_grad = ours.deltakern_prefix.embedding.weight.grad
     assert theirs_grad.abs().max() > 1e-3
@@ -100,8 +95,8 @@ def test_projected_prefix_matches_peft():
     batch = models.inputs("llama")
     theirs_out, ours_out = reference(**batch).logits, ours(**batch).logits
     torch.testing.assert_close(ours_out, theirs_out, **TOL)
-    loss_of(theirs_out).backward()
-    loss_of(ours_out).backward()
+    models.loss_of(theirs_out).backward()
+    models.loss_of(ours_out).backward()
     theirs = dict(reference.prompt_encoder["default"].named_parameters())
     for name, parameter in ours.deltakern_prefix.named_parameters():
         assert theirs[name].grad.abs().max() > 1e-4
@@ -157,8 +152,8 @@ def test_t5_encoder_and_decoder_prefix_matches_hand_written_reference():
     batch = models.inputs("t5")
     theirs_out, ours_out = reference(**batch).logits, ours(**batch).logits
     torch.testing.assert_close(ours_out, theirs_out, **TOL)
-    loss_of(theirs_out).backward()
-    loss_of(ours_out).backward()
+    models.loss_of(theirs_out).backward()
+    models.loss_of(ours_out).backward()
     assert weight.grad[:, :2 * width].abs().max() > 1e-3  # the encoder slots train
     torch.testing.assert_close(ours.deltakern_prefix.embedding.weight.grad, weight.grad, **TOL)
 

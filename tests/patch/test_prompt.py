@@ -66,11 +66,6 @@ def ours_like(reference, family: str, encoder: str | None = None):
     return model.eval()
 
 
-def loss_of(out: torch.Tensor) -> torch.Tensor:
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    return (out * weights).sum()
-
-
 @pytest.mark.parametrize("family", models.FAMILIES)
 def test_same_logits_loss_and_prompt_gradient_as_peft(family):
     reference = peft_model(family)
@@ -81,8 +76,8 @@ def test_same_logits_loss_and_prompt_gradient_as_peft(family):
     torch.testing.assert_close(ours_out.loss, theirs_out.loss, **TOL)
     if family in models.DECODER_ONLY:
         assert ours_out.logits.shape[1] == P + batch["input_ids"].shape[1]
-    (loss_of(theirs_out.logits) + theirs_out.loss).backward()
-    (loss_of(ours_out.logits) + ours_out.loss).backward()
+    (models.loss_of(theirs_out.logits) + theirs_out.loss).backward()
+    (models.loss_of(ours_out.logits) + ours_out.loss).backward()
     theirs_grad = reference.prompt_encoder["default"].embedding.weight.grad
     ours_grad = ours.deltakern_prompt.embedding.weight.grad
     assert theirs_grad[:P].abs().max() > 1e-3
@@ -115,8 +110,8 @@ def test_p_tuning_matches_peft(family, encoder):
     batch = batch_with_labels(family)
     theirs_out, ours_out = reference(**batch).logits, ours(**batch).logits
     torch.testing.assert_close(ours_out, theirs_out, **TOL)
-    loss_of(theirs_out).backward()
-    loss_of(ours_out).backward()
+    models.loss_of(theirs_out).backward()
+    models.loss_of(ours_out).backward()
     theirs = dict(reference.prompt_encoder["default"].named_parameters())
     ours_parameters = dict(ours.deltakern_prompt.named_parameters())
     assert ours_parameters.keys() == theirs.keys()
@@ -230,28 +225,6 @@ def test_init_from_text_and_vocabulary():
     rows = model.deltakern_prompt.embedding.weight
     assert all((words == row).all(-1).any() for row in rows)
     assert not torch.equal(rows[0], rows[1])
-
-
-# Measured on one fixed batch: prompt tuning 5.36 to 3.42; P-tuning (MLP) 4.76 to 3.64, slower
-# through its randomly initialised encoder, hence its own bound.
-@pytest.mark.parametrize("encoder,lr,bound", [(None, 1e-1, 0.75), ("mlp", 3e-2, 0.8)])
-def test_twenty_adamw_steps_lower_the_loss(encoder, lr, bound):
-    model = models.build("llama", initializer_range=0.2)
-    torch.manual_seed(1)
-    model = deltakern.add_prompt(model, 8, init="vocab", encoder=encoder).train()
-    ids = torch.randint(3, models.VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[-1, :5] = 0
-    data = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(20):
-        loss = model(**data).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < bound * losses[0], losses
 
 
 def test_bad_input():
