@@ -35,7 +35,7 @@ from torch import nn
 
 from ..nn import Adapter
 from ..reference.adapter import ACTIVATIONS
-from .common import freeze_base, replace_submodule
+from .common import freeze_base, load_checked, replace_submodule
 from .families import blocks, family_of
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -239,20 +239,5 @@ def load_adapters(model: nn.Module, config: dict, state: dict) -> nn.Module:
         raise ValueError(f"{caller}: expected an adapter config of format {FORMAT!r} version {FORMAT_VERSION}, "
                          f"got format {config['format']!r} version {config['format_version']!r}")
     model = _add(model, config["bottleneck"], config["placement"], config["activation"], config["scaling"], caller)
-    expected = _adapter_parameters(model)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{caller}: the adapter checkpoint lacks {len(missing)} tensor(s) the model's adapters need: "
-                         f"{', '.join(missing)}")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ValueError(f"{caller}: the adapter checkpoint has {len(unexpected)} tensor(s) the model has no adapter for: "
-                         f"{', '.join(unexpected)}")
-    for key, target in expected.items():
-        if tuple(state[key].shape) != tuple(target.shape):
-            raise ValueError(f"{caller}: adapter tensor {key!r} has shape {tuple(state[key].shape)} in the checkpoint, "
-                             f"the model expects {tuple(target.shape)}")
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(state[key])
+    load_checked(caller, "adapter", _adapter_parameters(model), state)
     return model

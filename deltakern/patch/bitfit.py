@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import delta_parameter_ids
+from .common import delta_parameter_ids, load_checked
 
 MARKER = "_deltakern_bitfit"
 EXISTING, ADDED = "existing", "added"
@@ -197,19 +197,5 @@ def load_bitfit(model: nn.Module, config: dict, state: dict) -> nn.Module:
                              f"without a bias in {type(model).__name__}; found {what}")
         _add_zero_bias(layer)
     add_bitfit(model)
-    expected = bitfit_biases(model)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{caller}: the BitFit checkpoint lacks {len(missing)} bias(es) the model has: {', '.join(missing)}")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ValueError(f"{caller}: the BitFit checkpoint has {len(unexpected)} tensor(s) the model has no bias for: "
-                         f"{', '.join(unexpected)}")
-    for name, bias in expected.items():
-        if tuple(state[name].shape) != tuple(bias.shape):
-            raise ValueError(f"{caller}: bias {name!r} has shape {tuple(state[name].shape)} in the checkpoint, "
-                             f"the model expects {tuple(bias.shape)}")
-    with torch.no_grad():
-        for name, bias in expected.items():
-            bias.copy_(state[name])
+    load_checked(caller, "BitFit", bitfit_biases(model), state)
     return model

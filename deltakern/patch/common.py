@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..nn import Adapter, LoRALinear, PrefixEncoder, PromptEncoder
@@ -34,6 +35,28 @@ def freeze_base(model: nn.Module) -> None:
     delta = delta_parameter_ids(model)
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in delta)
+
+
+def load_checked(caller: str, what: str, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state[name]`` into each ``expected[name]`` after checking the keys and shapes: a key
+    the model needs and the checkpoint lacks, a key the model has no place for, or a wrong shape is
+    a ``ValueError`` naming it (``what`` names the checkpoint: "adapter", "BitFit"). Nothing is
+    copied unless everything fits."""
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{caller}: the {what} checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                         f"{', '.join(missing)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(f"{caller}: the {what} checkpoint has {len(unexpected)} tensor(s) the model has no place "
+                         f"for: {', '.join(unexpected)}")
+    for name, target in expected.items():
+        if tuple(state[name].shape) != tuple(target.shape):
+            raise ValueError(f"{caller}: {what} tensor {name!r} has shape {tuple(state[name].shape)} in the "
+                             f"checkpoint, the model expects {tuple(target.shape)}")
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(state[name])
 
 
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

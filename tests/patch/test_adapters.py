@@ -182,7 +182,7 @@ def test_checkpoint_missing_key_is_named(tmp_path):
 def test_checkpoint_unexpected_key_and_wrong_shape_are_named(tmp_path):
     state, write = _saved(tmp_path)
     write({**state, "model.layers.9.mlp.down_proj.adapter.up.bias": torch.zeros(32)})
-    with pytest.raises(ValueError, match=r"has 1 tensor\(s\) the model has no adapter for: model\.layers\.9\.mlp"):
+    with pytest.raises(ValueError, match=r"has 1 tensor\(s\) the model has no place for: model\.layers\.9\.mlp"):
         deltakern.load(models.build("llama"), tmp_path)
     key = "model.layers.0.self_attn.o_proj.adapter.down.weight"
     write({**state, key: torch.zeros(5, 32)})

@@ -171,11 +171,11 @@ def test_checkpoint_round_trip(tmp_path, with_lora):
 def test_checkpoint_errors(tmp_path):
     config, state = save_and_read(bitfit_llama(False), tmp_path)
     key = "model.layers.0.self_attn.q_proj.bias"
-    with pytest.raises(ValueError, match=f"lacks 1 bias\\(es\\) the model has: {key}"):
+    with pytest.raises(ValueError, match=f"the BitFit checkpoint lacks 1 tensor\\(s\\) the model needs: {key}"):
         load_bitfit(models.build("llama"), config, {k: v for k, v in state.items() if k != key})
-    with pytest.raises(ValueError, match="has 1 tensor\\(s\\) the model has no bias for: model.extra.bias"):
+    with pytest.raises(ValueError, match="has 1 tensor\\(s\\) the model has no place for: model.extra.bias"):
         load_bitfit(models.build("llama"), config, {**state, "model.extra.bias": torch.zeros(3)})
-    with pytest.raises(ValueError, match=f"bias '{key}' has shape \\(5,\\) in the checkpoint, the model expects \\(32,\\)"):
+    with pytest.raises(ValueError, match=f"BitFit tensor '{key}' has shape \\(5,\\) in the checkpoint, the model expects \\(32,\\)"):
         load_bitfit(models.build("llama"), config, {**state, key: torch.zeros(5)})
     with pytest.raises(ValueError, match="expected a BitFit config of format 'deltakern-bitfit' version 1"):
         load_bitfit(models.build("llama"), {**config, "format": "other"}, state)
