@@ -35,7 +35,7 @@ from torch import nn
 
 from ..nn import Adapter
 from ..reference.adapter import ACTIVATIONS
-from .common import freeze_base, load_checked, replace_submodule
+from .common import check_config, freeze_base, load_checked, replace_submodule
 from .families import blocks, family_of
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -232,12 +232,7 @@ def load_adapters(model: nn.Module, config: dict, state: dict) -> nn.Module:
             a tensor has the wrong shape (each named).
     """
     caller = "deltakern.load"
-    missing_config = [key for key in _CONFIG_KEYS if key not in config]
-    if missing_config:
-        raise ValueError(f"{caller}: the adapter config lacks {', '.join(missing_config)}; got keys {sorted(config)}")
-    if config["format"] != FORMAT or config["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{caller}: expected an adapter config of format {FORMAT!r} version {FORMAT_VERSION}, "
-                         f"got format {config['format']!r} version {config['format_version']!r}")
+    check_config(caller, "adapter", config, _CONFIG_KEYS, FORMAT, FORMAT_VERSION)
     model = _add(model, config["bottleneck"], config["placement"], config["activation"], config["scaling"], caller)
     load_checked(caller, "adapter", _adapter_parameters(model), state)
     return model

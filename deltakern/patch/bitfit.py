@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import delta_parameter_ids, load_checked
+from .common import check_config, delta_parameter_ids, load_checked
 
 MARKER = "_deltakern_bitfit"
 EXISTING, ADDED = "existing", "added"
@@ -181,12 +181,7 @@ def load_bitfit(model: nn.Module, config: dict, state: dict) -> nn.Module:
             model has no bias for, or a tensor of the wrong shape (each named).
     """
     caller = "deltakern.load"
-    missing_config = [key for key in _CONFIG_KEYS if key not in config]
-    if missing_config:
-        raise ValueError(f"{caller}: the BitFit config lacks {', '.join(missing_config)}; got keys {sorted(config)}")
-    if config["format"] != FORMAT or config["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{caller}: expected a BitFit config of format {FORMAT!r} version {FORMAT_VERSION}, "
-                         f"got format {config['format']!r} version {config['format_version']!r}")
+    check_config(caller, "BitFit", config, _CONFIG_KEYS, FORMAT, FORMAT_VERSION)
     layers = {plain_name(model, name): module for name, module in _base_modules(model)}
     for name in config["added_biases"]:
         layer = layers.get(name)

@@ -37,6 +37,17 @@ def freeze_base(model: nn.Module) -> None:
         parameter.requires_grad_(id(parameter) in delta)
 
 
+def check_config(caller: str, what: str, config: dict, keys: tuple[str, ...], fmt: str, version: int) -> None:
+    """A ``ValueError`` naming what is wrong when one of deltakern's own checkpoint configs lacks a
+    key of ``keys`` or is of another format or version."""
+    missing = [key for key in keys if key not in config]
+    if missing:
+        raise ValueError(f"{caller}: the {what} config lacks {', '.join(missing)}; got keys {sorted(config)}")
+    if config["format"] != fmt or config["format_version"] != version:
+        raise ValueError(f"{caller}: the {what} config must be of format {fmt!r} version {version}, "
+                         f"got format {config['format']!r} version {config['format_version']!r}")
+
+
 def load_checked(caller: str, what: str, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     """Copy ``state[name]`` into each ``expected[name]`` after checking the keys and shapes: a key
     the model needs and the checkpoint lacks, a key the model has no place for, or a wrong shape is

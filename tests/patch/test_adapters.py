@@ -195,7 +195,7 @@ def test_checkpoint_of_another_format_version(tmp_path):
     _saved(tmp_path)
     path = tmp_path / "deltakern_adapters.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 2}))
-    with pytest.raises(ValueError, match=r"expected an adapter config of format 'deltakern-adapters' version 1, "
+    with pytest.raises(ValueError, match=r"the adapter config must be of format 'deltakern-adapters' version 1, "
                                          r"got format 'deltakern-adapters' version 2"):
         deltakern.load(models.build("llama"), tmp_path)
 

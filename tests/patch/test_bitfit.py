@@ -177,7 +177,7 @@ def test_checkpoint_errors(tmp_path):
         load_bitfit(models.build("llama"), config, {**state, "model.extra.bias": torch.zeros(3)})
     with pytest.raises(ValueError, match=f"BitFit tensor '{key}' has shape \\(5,\\) in the checkpoint, the model expects \\(32,\\)"):
         load_bitfit(models.build("llama"), config, {**state, key: torch.zeros(5)})
-    with pytest.raises(ValueError, match="expected a BitFit config of format 'deltakern-bitfit' version 1"):
+    with pytest.raises(ValueError, match="the BitFit config must be of format 'deltakern-bitfit' version 1"):
         load_bitfit(models.build("llama"), {**config, "format": "other"}, state)
     with pytest.raises(ValueError, match="adds a bias to 'model.norm', which must be an nn.Linear without a bias"):
         load_bitfit(models.build("llama"), {**config, "added_biases": ["model.norm"]}, state)
