@@ -1,9 +1,10 @@
 """The end-to-end fine-tuning step through pytest-benchmark: ``pytest bench/test_e2e.py --benchmark-only``.
 
 The same cases as ``deltakern bench --ops e2e`` (deltakern.e2e): a Llama-style model built from a
-config, fine-tuned by LoRA, prefix tuning or Houlsby adapters, the PEFT way (or the eager adapter
-reference) against deltakern's. Each provider's loss and delta gradients are checked against the
-reference before timing; bytes saved, peak memory and tokens per second go in extra_info.
+config, fine-tuned by LoRA, prefix tuning, Houlsby adapters, prompt tuning, P-tuning or BitFit, the
+PEFT way (or the eager adapter / BitFit reference) against deltakern's. Each provider's loss and
+delta gradients are checked against the reference before timing; bytes saved, peak memory and
+tokens per second go in extra_info.
 """
 
 import pytest

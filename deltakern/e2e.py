@@ -1,6 +1,7 @@
 """End-to-end fine-tuning step of ``deltakern bench``: a Llama-style causal LM built from a
 transformers ``LlamaConfig`` with random weights (nothing downloads), fine-tuned by LoRA, prefix
-tuning or Houlsby adapters, the PEFT way against deltakern's.
+tuning, Houlsby adapters, prompt tuning, P-tuning v1 or BitFit, the PEFT way (or plain torch where
+PEFT lacks the method) against deltakern's.
 
 One training step (mode ``full``) is ``zero_grad`` + forward with ``labels`` (mean cross-entropy of
 the next token) + ``loss.backward()`` + ``AdamW.step()`` over the trainable (delta) parameters:
@@ -14,7 +15,11 @@ Providers (the ``providers`` dict of :class:`E2ECase`):
   ``PrefixTuningConfig(num_virtual_tokens=32)``. Adapters (PEFT has no bottleneck adapters): an
   eager Houlsby adapter ``y + up(relu(down(y)))`` (bottleneck 64) as a forward hook on every
   attention output projection (``o_proj``) and FFN output projection (``down_proj``), the
-  placement of ``deltakern.add_adapters(..., placement="houlsby")``, in plain torch.
+  placement of ``deltakern.add_adapters(..., placement="houlsby")``, in plain torch. Prompt tuning
+  and P-tuning: PEFT's ``PromptTuningConfig(num_virtual_tokens=32)`` (random init) and
+  ``PromptEncoderConfig(num_virtual_tokens=32, encoder_reparameterization_type="MLP")``. BitFit
+  (PEFT has none): a zero bias added to every bias-less ``nn.Linear`` (all of Llama's, the LM head
+  included), the biases trainable and nothing else, in plain torch.
 - ``torch.compile``: the compiled reference, on CUDA only (there the eval-mode check below
   compiles a second graph; the 3 warm-up steps absorb the train-mode one). It works on CPU too,
   but compiling is too slow for the suite's budget (~90 s for the whole end-to-end part) on this
@@ -22,15 +27,23 @@ Providers (the ``providers`` dict of :class:`E2ECase`):
   per method even at the quick shape, and for LoRA as much again for the train-mode graph (dropout
   on) after the eval-mode check.
 - ``deltakern-<backend>``: the same model with ``deltakern.add_lora`` / ``add_prefix`` /
-  ``add_adapters`` and the ops forced to ``backend`` with :func:`deltakern.use_backend`.
+  ``add_adapters`` / ``add_prompt`` / ``add_bitfit(add_missing_biases=True)`` and the ops forced to
+  ``backend`` with :func:`deltakern.use_backend`. Prompt tuning, P-tuning and BitFit use no
+  deltakern kernel (virtual tokens are a concatenation before the first layer; BitFit trains biases
+  ``nn.Linear`` already adds), so their ratio to the reference is expected near 1.0: these rows
+  show what the methods cost in the same loop, and that deltakern adds nothing to it.
 
 Both models have the same base weights (one seeded build, copied) and the same delta weights (the
-reference's copied into deltakern's; LoRA's B drawn non-zero so the LoRA path matters). ``check``
+reference's copied into deltakern's; LoRA's B drawn non-zero so the LoRA path matters; BitFit's
+biases stay zero on both sides, as ``add_bitfit`` adds them). ``check``
 compares the loss and every delta parameter's gradient with the eager reference's in the same
 dtype, with dropout off in both (eval mode): LoRA dropout draws its masks from different generators
 (torch's for PEFT, Philox for deltakern), so with dropout on the two steps differ by design. The
 timed steps run in train mode with ``lora_dropout=0.05``. Sequences are packed to the full length,
-so no attention mask is passed: both sides build only the causal structure.
+so no attention mask is passed: both sides build only the causal structure. With virtual tokens
+(prompt tuning, P-tuning) both sides prepend ``-100`` labels for them, so the loss is over the same
+``batch * seq`` targets (the last virtual token predicts the first real one) and the logits cover
+``32 + seq`` positions.
 """
 
 from __future__ import annotations
@@ -45,9 +58,10 @@ from torch import nn
 
 from .benchmark import check_close, saved_tensors_bytes
 
-METHODS = ("lora", "prefix", "adapter")
+METHODS = ("lora", "prefix", "adapter", "prompt", "ptuning", "bitfit")
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
 PREFIX_TOKENS = 32
+PROMPT_TOKENS = 32
 ADAPTER_BOTTLENECK = 64
 # LoRA's B starts at zero (PEFT and deltakern alike), which would make the LoRA path's output and
 # A's gradient zero; the benchmark draws B like the base layers (HF's initializer_range).
@@ -163,7 +177,7 @@ class E2ECase:
         tokens: tokens per training step, ``batch * seq``.
         warmup, repeats: the steps to warm up and to time per mode, in place of the suite's (a
             step of a default shape is 0.3-0.5 s on CPU, 20-50 times an op benchmark's call).
-        reference: the PEFT model (or the base model with eager adapter hooks).
+        reference: the PEFT model (or the base model with eager adapter hooks, or with BitFit's biases).
         model: the deltakern model.
     """
 
@@ -172,15 +186,15 @@ class E2ECase:
             raise ValueError(f"E2ECase: shape must be an E2EShape, got {type(shape).__name__}")
         self.shape, self.dtype, self.device = shape, dtype, device
         self.tokens = shape.batch * shape.seq
-        # CPU: the whole end-to-end part (3 methods, reference and deltakern-cpu) took 31 s with
-        # (1, 3) on this idle 2-core machine, ~40 s with (1, 5); under other jobs' load, 9 times that.
+        # CPU: the whole end-to-end part (6 methods, reference and deltakern-cpu, 13-19 s each) took
+        # 93 s wall with (1, 5) on this idle 2-core machine, 8.5 min under a CI run's load.
         # CUDA: 3 warm-up steps cover torch.compile's train-mode graph and its lazily compiled backward.
         self.warmup, self.repeats = (1, 5) if device == "cpu" else (3, 10)
         transformers, _ = _require_hf()
         config = transformers.LlamaConfig(
             vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
             num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=shape.seq + PREFIX_TOKENS, use_cache=False)
+            max_position_embeddings=shape.seq + max(PREFIX_TOKENS, PROMPT_TOKENS), use_cache=False)
         torch.manual_seed(_SEED)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -215,11 +229,23 @@ class E2ECase:
                 base.get_submodule(name).register_forward_hook(lambda module, args, out, a=adapter: a(out))
             base.add_module("houlsby_adapters", adapters)
             return base
+        if method == "bitfit":
+            base.requires_grad_(False)
+            for module in base.modules():
+                if isinstance(module, nn.Linear) and module.bias is None:
+                    weight = module.weight
+                    module.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
+            return base
         if method == "lora":
             config = peft.LoraConfig(task_type="CAUSAL_LM", r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                                      target_modules="all-linear")
-        else:
+        elif method == "prefix":
             config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_TOKENS)
+        elif method == "prompt":
+            config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
+        else:
+            config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS,
+                                              encoder_reparameterization_type="MLP")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = peft.get_peft_model(base, config)
@@ -232,13 +258,19 @@ class E2ECase:
         return model
 
     def _deltakern(self, base: nn.Module) -> nn.Module:
-        from . import add_adapters, add_lora, add_prefix
+        from . import add_adapters, add_bitfit, add_lora, add_prefix, add_prompt
 
         method = self.shape.method
         if method == "lora":
             return add_lora(base, r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, target_modules="all-linear")
         if method == "prefix":
             return add_prefix(base, PREFIX_TOKENS)
+        if method == "prompt":
+            return add_prompt(base, PROMPT_TOKENS)
+        if method == "ptuning":
+            return add_prompt(base, PROMPT_TOKENS, encoder="mlp")
+        if method == "bitfit":
+            return add_bitfit(base, add_missing_biases=True)
         return add_adapters(base, bottleneck=ADAPTER_BOTTLENECK, placement="houlsby", activation="relu", scaling=1.0)
 
     def _delta_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
@@ -257,6 +289,16 @@ class E2ECase:
         elif method == "prefix":
             pairs = [("prefix.embedding", self.reference.prompt_encoder["default"].embedding.weight,
                       self.model.deltakern_prefix.embedding.weight)]
+        elif method in ("prompt", "ptuning"):
+            # PEFT's PromptEncoder and deltakern's share parameter names and shapes (embedding, mlp_head.*).
+            ours = dict(self.model.deltakern_prompt.named_parameters())
+            theirs = dict(self.reference.prompt_encoder["default"].named_parameters())
+            if set(ours) != set(theirs):
+                raise RuntimeError(f"E2ECase: deltakern's prompt parameters {sorted(ours)} are not PEFT's {sorted(theirs)}")
+            pairs = [(f"prompt.{name}", parameter, ours[name]) for name, parameter in theirs.items()]
+        elif method == "bitfit":
+            pairs = [(f"{name}.bias", module.bias, self.model.get_submodule(name).bias)
+                     for name, module in self.reference.named_modules() if isinstance(module, nn.Linear)]
         else:
             pairs = []
             for name, theirs in zip(_houlsby_targets(self.shape.layers), self.reference.houlsby_adapters):

@@ -1,14 +1,18 @@
 """The end-to-end fine-tuning benchmark (deltakern.e2e) on tiny Llama models: deltakern's step matches
-PEFT's (or the eager adapters') in loss and delta gradients, the providers, the training step, the
-bytes saved for backward, and bad input."""
+PEFT's (or the eager adapters' or BitFit's) in loss and delta gradients for each method, the
+providers, the loss over virtual tokens, the training step, the bytes saved for backward, and bad
+input."""
 
 import math
 
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from deltakern import benchmark, e2e
 from deltakern.nn import LoRALinear
+from deltakern.patch.bitfit import bitfit_biases
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -57,7 +61,7 @@ def test_check_fails_when_the_models_differ(method):
 
 def test_same_base_and_delta_weights(cases):
     for method, case in cases.items():
-        base = case.reference.get_base_model() if method != "adapter" else case.reference
+        base = case.reference if method in ("adapter", "bitfit") else case.reference.get_base_model()
         reference = {name: p for name, p in base.named_parameters() if not p.requires_grad}
         ours = {name: p for name, p in case.model.named_parameters() if not p.requires_grad}
         assert len(ours) == len(reference) > 0, method
@@ -75,6 +79,43 @@ def test_same_base_and_delta_weights(cases):
     assert {(m.r, m.scaling) for m in layers} == {(16, 2.0)}
     assert cases["prefix"].pairs[0][2].shape[0] == e2e.PREFIX_TOKENS
     assert len(cases["adapter"].pairs) == 4 * 2 * SHAPES["adapter"].layers
+    hidden = SHAPES["prompt"].hidden
+    [(name, theirs, mine)] = cases["prompt"].pairs
+    assert name == "prompt.embedding.weight" and mine is cases["prompt"].model.deltakern_prompt.embedding.weight
+    assert mine.shape == (e2e.PROMPT_TOKENS, hidden)
+    assert 0.5 < mine.std().item() < 1.5  # PEFT's random init, N(0, 1), copied
+    # P-tuning's MLP encoder: embedding, then Linear(D, H), ReLU, Linear(H, H), ReLU, Linear(H, D), H = D.
+    ptuning = {name: mine.shape for name, _, mine in cases["ptuning"].pairs}
+    assert ptuning == {"prompt.embedding.weight": (e2e.PROMPT_TOKENS, hidden),
+                       **{f"prompt.mlp_head.{i}.weight": (hidden, hidden) for i in (0, 2, 4)},
+                       **{f"prompt.mlp_head.{i}.bias": (hidden,) for i in (0, 2, 4)}}
+    # BitFit: a zero bias on every linear layer (q, k, v, o, gate, up, down per layer, and lm_head),
+    # each the bias add_bitfit added, and nothing else trainable.
+    bitfit = cases["bitfit"]
+    names = [name for name, _, _ in bitfit.pairs]
+    assert len(names) == 7 * SHAPES["bitfit"].layers + 1 and "lm_head.bias" in names
+    assert list(bitfit_biases(bitfit.model)) == names
+    assert all(not theirs.any() and not mine.any() for _, theirs, mine in bitfit.pairs)
+    assert [p for p in bitfit.reference.parameters() if p.requires_grad] == [theirs for _, theirs, _ in bitfit.pairs]
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_virtual_tokens_are_not_targets(cases, method):
+    # Both sides prepend -100 labels for the virtual tokens: the loss is the mean cross-entropy of
+    # the batch * seq real tokens, the last virtual token predicting the first one.
+    case = cases[method]
+    ids = case.inputs["input_ids"]
+    vocab = SHAPES[method].vocab
+    for model in (case.reference, case.model):
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(**case.inputs)
+        finally:
+            model.train()
+        assert out.logits.shape == (*ids.shape[:1], e2e.PROMPT_TOKENS + ids.shape[1], vocab)
+        by_hand = F.cross_entropy(out.logits[:, e2e.PROMPT_TOKENS - 1:-1].reshape(-1, vocab), ids.reshape(-1))
+        assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 def test_training_step(cases):
@@ -105,7 +146,11 @@ def test_saved_bytes(cases):
         saved[method] = {name: case.saved_bytes(fn) for name, fn in providers.items()}
     for method in ("lora", "prefix"):
         assert saved[method]["deltakern-cpu"] < saved[method]["reference"], saved[method]
-    assert saved["adapter"]["deltakern-cpu"] <= saved["adapter"]["reference"], saved["adapter"]
+    # No deltakern kernel for these: at most what PEFT / plain torch saves (P-tuning's encoder runs
+    # once, not once per sequence as in PEFT, so it saves less).
+    for method in ("adapter", "prompt", "bitfit"):
+        assert saved[method]["deltakern-cpu"] <= saved[method]["reference"], saved[method]
+    assert saved["ptuning"]["deltakern-cpu"] < saved["ptuning"]["reference"], saved["ptuning"]
     assert all(v > 0 for per in saved.values() for v in per.values())
     # Parameters are excluded: counting them adds at least every frozen linear weight (each is
     # saved for the input gradient) and at most all parameters.
