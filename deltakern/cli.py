@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -164,6 +165,12 @@ def _suite(op: str, device: str) -> _Suite:
     return _Suite("e2e", e2e.E2EShape, tuple(e2e.E2E_DEFAULT_SHAPES[device]), tuple(e2e.E2E_QUICK_SHAPES), e2e.e2e_cases)
 
 
+def _needed_modules(ops: list[str]) -> list[str]:
+    """What a run of ``ops`` imports beyond deltakern's own dependencies: matplotlib for the
+    charts, transformers and PEFT for the end-to-end models. Checked before anything is timed."""
+    return ["matplotlib"] + (["transformers", "peft"] if "e2e" in ops else [])
+
+
 def _bench(args) -> int:
     from . import benchmark
 
@@ -182,6 +189,11 @@ def _bench(args) -> int:
     if unknown or not ops:
         print(f"deltakern bench: unknown op(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(_OPS)}",
               file=sys.stderr)
+        return 2
+    missing = [name for name in _needed_modules(ops) if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"deltakern bench: needs {', '.join(missing)}, not installed: pip install 'deltakern[bench]'"
+              + (" (or leave e2e out: --ops lora,prefix,adapter)" if "matplotlib" not in missing else ""), file=sys.stderr)
         return 2
     suites = {op: _suite(op, device) for op in ops}
     shapes = {op: suite.quick_shapes if args.quick else suite.default_shapes for op, suite in suites.items()}

@@ -228,6 +228,15 @@ def test_bench_e2e_takes_shapes_from_the_file(tmp_path, capsys, fake_e2e):
     assert "e2e[0]: unknown field(s) hidden; expected method, seq" in capsys.readouterr().err
 
 
+def test_bench_names_missing_packages_before_running(tmp_path, capsys, monkeypatch):
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "peft" else real(name))
+    assert main(["bench", "--ops", "lora,e2e", "--quick", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "deltakern bench: needs peft, not installed: pip install 'deltakern[bench]' (or leave e2e out" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_gpu_report_runs_only_the_report(tmp_path, capsys, monkeypatch):
     calls = []
     module = types.ModuleType("deltakern.gpu_report")
