@@ -126,7 +126,10 @@ def _factory(module: nn.Module, name: str, caller: str) -> dict:
     raise ValueError(f"{caller}: module {name!r} has no floating-point parameter to take the adapter's device and dtype from")
 
 
-def _add(model: nn.Module, bottleneck: int, placement: str, activation: str, scaling: float, caller: str) -> nn.Module:
+def _add(model: nn.Module, bottleneck: int, placement: str, activation: str, scaling: float, caller: str,
+         state: dict | None = None) -> nn.Module:
+    """Build every adapter, load ``state`` into them when given (checked first), and only then put
+    them into the model, so a bad argument or checkpoint leaves the model as it was."""
     _check_arguments(caller, bottleneck, placement, activation, scaling)
     family = family_of(model, caller)
     found = blocks(model, caller)
@@ -140,6 +143,7 @@ def _add(model: nn.Module, bottleneck: int, placement: str, activation: str, sca
         targets = [b.ffn_output_name for b in found]
     else:
         targets = [b.ffn_name for b in found]
+    wrappers = {}
     for name in targets:
         base = model.get_submodule(name)
         adapter = Adapter(d_model, bottleneck, activation=activation, scaling=scaling).to(**_factory(base, name, caller))
@@ -149,7 +153,12 @@ def _add(model: nn.Module, bottleneck: int, placement: str, activation: str, sca
             wrapper = PostNormParallelAdapter(base, adapter)
         else:
             wrapper = ParallelAdapter(base, adapter)
-        replace_submodule(model, name, wrapper.train(base.training))
+        wrappers[name] = wrapper.train(base.training)
+    if state is not None:
+        load_checked(caller, "adapter", {f"{name}.adapter.{key}": value for name, wrapper in wrappers.items()
+                                         for key, value in wrapper.adapter.named_parameters()}, state)
+    for name, wrapper in wrappers.items():
+        replace_submodule(model, name, wrapper)
     freeze_base(model)
     return model
 
@@ -233,6 +242,6 @@ def load_adapters(model: nn.Module, config: dict, state: dict) -> nn.Module:
     """
     caller = "deltakern.load"
     check_config(caller, "adapter", config, _CONFIG_KEYS, FORMAT, FORMAT_VERSION)
-    model = _add(model, config["bottleneck"], config["placement"], config["activation"], config["scaling"], caller)
-    load_checked(caller, "adapter", _adapter_parameters(model), state)
+    model = _add(model, config["bottleneck"], config["placement"], config["activation"], config["scaling"], caller,
+                 state=state)
     return model

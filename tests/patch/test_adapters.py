@@ -175,8 +175,12 @@ def test_checkpoint_missing_key_is_named(tmp_path):
     key = "model.layers.1.mlp.down_proj.adapter.up.bias"
     del state[key]
     write(state)
+    plain = models.build("llama")
     with pytest.raises(ValueError, match=r"deltakern.load: the adapter checkpoint lacks 1 tensor\(s\) .*: " + key):
-        deltakern.load(models.build("llama"), tmp_path)
+        deltakern.load(plain, tmp_path)
+    # Checked before any adapter goes in: the model is left as it was.
+    assert not adapters_method.has_adapters(plain)
+    assert all(p.requires_grad for p in plain.parameters())
 
 
 def test_checkpoint_unexpected_key_and_wrong_shape_are_named(tmp_path):
