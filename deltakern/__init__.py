@@ -8,6 +8,7 @@ from .patch import (
     TrainableParameters,
     add_adapters,
     add_bitfit,
+    add_ia3,
     add_lora,
     add_prefix,
     add_prompt,
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "PatchReport", "TrainableParameters", "adapter", "add_adapters",
-    "add_bitfit", "prompts",
+    "add_bitfit", "add_ia3", "prompts",
     "add_lora", "add_prefix", "add_prompt", "fold_prompt_encoder", "load", "lora_linear", "merge_lora", "nn",
     "patch", "prefix_attention", "save",
     "trainable_parameters", "unpatch", "use_backend", "__version__",

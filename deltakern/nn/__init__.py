@@ -1,8 +1,9 @@
 """Delta-tuning modules built on deltakern's ops."""
 
 from .adapter import Adapter
+from .ia3 import IA3Linear
 from .lora import LoRALinear
 from .prefix import PrefixEncoder
 from .prompt import PromptEncoder
 
-__all__ = ["Adapter", "LoRALinear", "PrefixEncoder", "PromptEncoder"]
+__all__ = ["Adapter", "IA3Linear", "LoRALinear", "PrefixEncoder", "PromptEncoder"]

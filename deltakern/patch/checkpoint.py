@@ -1,9 +1,9 @@
-"""``save`` and ``load``: PEFT's adapter format for LoRA, prefix tuning, prompt tuning and P-tuning,
-our own for adapters.
+"""``save`` and ``load``: PEFT's adapter format for LoRA, (IA)³, prefix tuning, prompt tuning and
+P-tuning, our own for adapters and BitFit.
 
 A directory written by :func:`save` holds
   - ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's files, PEFT's key names) when
-    the model has LoRA, a prefix or a prompt; PEFT's format holds one method per checkpoint;
+    the model has LoRA, (IA)³, a prefix or a prompt; PEFT's format holds one method per checkpoint;
   - ``deltakern_adapters.json`` + ``deltakern_adapters.safetensors`` when it has bottleneck adapters;
   - ``deltakern_bitfit.json`` + ``deltakern_bitfit.safetensors`` when it trains biases (BitFit).
 """
@@ -17,6 +17,7 @@ from torch import nn
 
 from . import adapters as adapters_method
 from . import bitfit as bitfit_method
+from . import ia3 as ia3_method
 from . import lora as lora_method
 from . import prefix as prefix_method
 from . import prompt as prompt_method
@@ -29,8 +30,9 @@ BITFIT_CONFIG = "deltakern_bitfit.json"
 BITFIT_WEIGHTS = "deltakern_bitfit.safetensors"
 
 # PEFT types that deltakern.load reads, and how.
-_PEFT_LOADERS = {"LORA": lora_method.load_peft_lora, "PREFIX_TUNING": prefix_method.load_peft_prefix,
-                 "PROMPT_TUNING": prompt_method.load_peft_prompt, "P_TUNING": prompt_method.load_peft_prompt}
+_PEFT_LOADERS = {"LORA": lora_method.load_peft_lora, "IA3": ia3_method.load_peft_ia3,
+                 "PREFIX_TUNING": prefix_method.load_peft_prefix, "PROMPT_TUNING": prompt_method.load_peft_prompt,
+                 "P_TUNING": prompt_method.load_peft_prompt}
 
 
 def _write(directory: str, config_name: str, weights_name: str, config: dict, state: dict) -> None:
@@ -52,25 +54,28 @@ def _read(directory: str, config_name: str, weights_name: str) -> tuple[dict, di
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the delta of ``model`` (not the base weights) to directory ``path``.
 
-    LoRA, prefix tuning, prompt tuning or P-tuning (the encoder's output, as PEFT saves it) go to
-    PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, so
+    LoRA, (IA)³, prefix tuning, prompt tuning or P-tuning (the encoder's output, as PEFT saves it)
+    go to PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, so
     ``PeftModel.from_pretrained(base, path)`` loads them; adapters go to
     ``deltakern_adapters.json`` + ``deltakern_adapters.safetensors``.
     """
     has_lora, has_prefix = lora_method.has_lora(model), prefix_method.has_prefix(model)
     has_prompt, has_adapters = prompt_method.has_prompt(model), adapters_method.has_adapters(model)
-    has_bitfit = bitfit_method.has_bitfit(model)
-    peft_methods = [name for name, present in (("LoRA", has_lora), ("a prefix", has_prefix), ("a prompt", has_prompt))
-                    if present]
+    has_bitfit, has_ia3 = bitfit_method.has_bitfit(model), ia3_method.has_ia3(model)
+    peft_methods = [name for name, present in (("LoRA", has_lora), ("(IA)³", has_ia3), ("a prefix", has_prefix),
+                                               ("a prompt", has_prompt)) if present]
     if len(peft_methods) > 1:
         both = "both " if len(peft_methods) == 2 else ""
         raise NotImplementedError(f"deltakern.save: the model has {both}{' and '.join(peft_methods)}; PEFT's format "
                                   f"holds one method per checkpoint")
     if not (peft_methods or has_adapters or has_bitfit):
-        raise ValueError("deltakern.save: the model has no deltakern LoRA, prefix, prompt, adapters or BitFit biases to save")
+        raise ValueError("deltakern.save: the model has no deltakern LoRA, (IA)³, prefix, prompt, adapters or BitFit "
+                         "biases to save")
     os.makedirs(path, exist_ok=True)
     if has_lora:
         _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *lora_method.peft_lora_checkpoint(model))
+    if has_ia3:
+        _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *ia3_method.peft_ia3_checkpoint(model))
     if has_prefix:
         _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *prefix_method.peft_prefix_checkpoint(model))
     if has_prompt:
@@ -85,7 +90,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Add the delta modules a checkpoint at ``path`` describes to the plain base ``model``, load
     their weights and return the model, ready to run (in eval mode, base frozen).
 
-    Reads PEFT's LoRA, prefix-tuning, prompt-tuning and P-tuning checkpoints (written by PEFT or by
+    Reads PEFT's LoRA, IA3, prefix-tuning, prompt-tuning and P-tuning checkpoints (written by PEFT or by
     :func:`save`) and deltakern's adapter and BitFit files. Another PEFT type raises
     ``ValueError`` naming it.
     """

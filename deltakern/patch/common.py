@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..nn import Adapter, LoRALinear, PrefixEncoder, PromptEncoder
+from ..nn import Adapter, IA3Linear, LoRALinear, PrefixEncoder, PromptEncoder
 
 # The parameters of these modules are the delta; everything else in a patched model is the
-# frozen base. LoRALinear's base layer is part of the base.
-DELTA_MODULES = (LoRALinear, PrefixEncoder, Adapter, PromptEncoder)
+# frozen base. The base layers of LoRALinear and IA3Linear are part of the base.
+DELTA_MODULES = (LoRALinear, IA3Linear, PrefixEncoder, Adapter, PromptEncoder)
 
 
 def delta_parameter_ids(model: nn.Module) -> set[int]:
@@ -20,6 +20,8 @@ def delta_parameter_ids(model: nn.Module) -> set[int]:
     for module in model.modules():
         if isinstance(module, LoRALinear):
             ids.update((id(module.lora_A), id(module.lora_B)))
+        elif isinstance(module, IA3Linear):
+            ids.add(id(module.ia3_l))
         elif isinstance(module, (PrefixEncoder, Adapter, PromptEncoder)):
             ids.update(id(p) for p in module.parameters())
         # A bias add_bitfit trains; the marker is on the owning module (it survives deepcopy, a

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model
 
 import deltakern
 from deltakern.nn import LoRALinear
@@ -170,10 +170,9 @@ def test_deltakern_save_loads_in_peft(family, tmp_path):
 
 
 def test_other_peft_type_raises(tmp_path):
-    model = get_peft_model(build("llama"), IA3Config(target_modules=["k_proj", "down_proj"],
-                                                     feedforward_modules=["down_proj"]))
+    model = get_peft_model(build("llama"), LoHaConfig(r=R, alpha=ALPHA, target_modules=["k_proj", "down_proj"]))
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="'IA3'"):
+    with pytest.raises(ValueError, match="'LOHA'"):
         deltakern.load(build("llama"), tmp_path)
 
 
