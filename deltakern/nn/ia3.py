@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lora import is_conv1d
+from .wrapped_linear import WrappedLinear
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLinear):
     """Wraps ``base`` (an ``nn.Linear`` or transformers' ``Conv1D``) and rescales it elementwise
     with the trainable vector ``ia3_l``, as PEFT's IA3 layers do:
 
@@ -39,36 +39,12 @@ class IA3Linear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, feedforward: bool):
-        super().__init__()
-        self.fan_in_fan_out = is_conv1d(base)
-        if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
-            raise ValueError(
-                f"deltakern.nn.IA3Linear: base must be an nn.Linear or transformers' Conv1D, got {type(base).__name__}"
-            )
+        super().__init__(base, "deltakern.nn.IA3Linear")
         if not isinstance(feedforward, bool):
             raise ValueError(f"deltakern.nn.IA3Linear: feedforward must be a bool, got {feedforward!r}")
-        self.base_layer = base
         self.feedforward = feedforward
         size = self.in_features if feedforward else self.out_features
         self.ia3_l = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=base.weight.dtype))
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1]
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0]
-
-    # Model code reads a linear layer's weight and bias directly (T5 checks ``wo.weight.dtype``);
-    # expose the base layer's (plain properties, so they are not registered twice).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def reset_ia3_parameters(self) -> None:
         nn.init.ones_(self.ia3_l)

@@ -9,21 +9,10 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linear
+from .wrapped_linear import WrappedLinear
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, weight ``[in, out]``).
-    transformers is optional: without it no module is a ``Conv1D``."""
-    if isinstance(module, nn.Linear):
-        return False
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return False
-    return isinstance(module, Conv1D)
-
-
-class LoRALinear(nn.Module):
+class LoRALinear(WrappedLinear):
     """Wraps ``base`` (an ``nn.Linear`` or transformers' ``Conv1D``) as
     ``y = base(x) + scaling · B(A(drop(x)))``.
 
@@ -48,17 +37,11 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
-        super().__init__()
-        self.fan_in_fan_out = is_conv1d(base)
-        if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
-            raise ValueError(
-                f"deltakern.nn.LoRALinear: base must be an nn.Linear or transformers' Conv1D, got {type(base).__name__}"
-            )
+        super().__init__(base, "deltakern.nn.LoRALinear")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"deltakern.nn.LoRALinear: r must be an int >= 1, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"deltakern.nn.LoRALinear: dropout must be in [0, 1), got {dropout!r}")
-        self.base_layer = base
         self.r = r
         self.alpha = alpha
         self.dropout = float(dropout)
@@ -67,24 +50,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.reset_lora_parameters()
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1]
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0]
-
-    # Model code reads a linear layer's weight and bias directly (T5 checks ``wo.weight.dtype``);
-    # like PEFT's LoRA layers, expose the base layer's (not registered twice: plain properties).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..nn import LoRALinear
-from ..nn.lora import is_conv1d
+from ..nn.wrapped_linear import is_conv1d
 from .common import DELTA_MODULES, freeze_base, replace_submodule
 
 ALL_LINEAR = "all-linear"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..nn.lora import is_conv1d
+from ..nn.wrapped_linear import is_conv1d
 from ..ops.lora_linear import lora_linear
 
 

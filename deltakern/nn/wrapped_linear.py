@@ -1,0 +1,53 @@
+"""``WrappedLinear``: what the delta modules that wrap a linear layer share (``LoRALinear``,
+``IA3Linear``): the base layer, its geometry for an ``nn.Linear`` or transformers' ``Conv1D``, and
+the base's ``weight`` and ``bias`` exposed as the wrapper's own."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, weight ``[in, out]``).
+    transformers is optional: without it no module is a ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return False
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return isinstance(module, Conv1D)
+
+
+class WrappedLinear(nn.Module):
+    """Holds ``base`` (an ``nn.Linear``, weight ``[out, in]``, or a ``Conv1D``, weight ``[in, out]``)
+    as ``base_layer``; ``fan_in_fan_out`` is True for a ``Conv1D`` (PEFT's name for that layout).
+
+    ``owner`` names the subclass in the error raised for any other base.
+    """
+
+    def __init__(self, base: nn.Module, owner: str):
+        super().__init__()
+        self.fan_in_fan_out = is_conv1d(base)
+        if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
+            raise ValueError(f"{owner}: base must be an nn.Linear or transformers' Conv1D, got {type(base).__name__}")
+        self.base_layer = base
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1]
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0]
+
+    # Model code reads a linear layer's weight and bias directly (T5 checks ``wo.weight.dtype``);
+    # like PEFT's layers, expose the base layer's (plain properties: not registered twice).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
