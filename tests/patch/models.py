@@ -81,3 +81,14 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
     gradient is exercised (a plain sum would hide errors that cancel)."""
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     return (out * weights).sum()
+
+
+def logits(model: torch.nn.Module, family: str) -> torch.Tensor:
+    """The logits of ``model`` on :func:`inputs` of ``family``."""
+    return model(**inputs(family)).logits
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32 gradients summed in another order: T5's unscaled attention gives delta gradients up to
+    ~100, so the absolute tolerance scales with the tensor's largest entry (1e-5 of it)."""
+    torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import deltakern
 from deltakern.nn import IA3Linear
 
-from .models import VOCAB, build, inputs
+from .models import VOCAB, assert_grad_close, build, logits
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 FAMILIES = ("llama", "gpt2", "bert", "t5")
@@ -47,16 +47,6 @@ def ours_like(family, peft_model, seed=0, **kwargs):
         for name, layer in peft_layers(peft_model).items():
             ours[name].ia3_l.copy_(layer.ia3_l["default"].flatten())
     return model
-
-
-def logits(model, family):
-    return model(**inputs(family)).logits
-
-
-def assert_grad_close(actual, expected):
-    """fp32 gradients summed in another order; T5's unscaled attention makes them large, so the
-    absolute tolerance scales with the tensor's largest entry (1e-5 of it)."""
-    torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
 
 
 def test_ia3_linear_by_hand():

@@ -10,7 +10,7 @@ import deltakern
 from deltakern.nn import LoRALinear
 from deltakern.patch import lora as lora_method
 
-from .models import FAMILIES, build, inputs
+from .models import FAMILIES, assert_grad_close, build, logits
 
 R, ALPHA = 4, 8
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -49,16 +49,6 @@ def ours_like(family, peft_model, target_modules="all-linear", use_rslora=False,
 
 def ours_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def assert_grad_close(actual, expected):
-    """fp32 gradients summed in another order: T5's unscaled attention gives LoRA gradients up to
-    ~100, so the absolute tolerance scales with the tensor's largest entry (1e-5 of it)."""
-    torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
-
-
-def logits(model, family):
-    return model(**inputs(family)).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
