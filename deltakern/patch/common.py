@@ -78,6 +78,29 @@ def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's task_type for a transformers model class (what PeftModelFor<task> wraps), from
+    transformers' auto-class tables; None for a class no PEFT task covers (a masked LM, a non-HF model)."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:
+        return None
+    tables = (
+        ("CAUSAL_LM", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+        ("SEQ_2_SEQ_LM", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+        ("SEQ_CLS", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+        ("TOKEN_CLS", auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+        ("QUESTION_ANS", auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
+        ("FEATURE_EXTRACTION", auto.MODEL_MAPPING_NAMES),
+    )
+    name = type(model).__name__
+    for task, table in tables:
+        for classes in table.values():
+            if name == classes or (isinstance(classes, (tuple, list)) and name in classes):
+                return task
+    return None
+
+
 @dataclass(frozen=True)
 class TrainableParameters:
     """``trainable`` and ``total`` parameter counts (shared parameters counted once)."""

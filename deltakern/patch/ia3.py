@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..nn import IA3Linear
-from .common import freeze_base, replace_submodule
-from .lora import PEFT_KEY_PREFIX, _resolve_targets, _task_type
+from .common import freeze_base, peft_task_type, replace_submodule
+from .lora import PEFT_KEY_PREFIX, _resolve_targets
 
 # PEFT's default (IA)³ targets and feedforward layers for the model types of deltakern's families
 # (``model.config.model_type``): keys and values, and the FFN's down projection. T5's default
@@ -160,7 +160,7 @@ def peft_ia3_checkpoint(model: nn.Module) -> tuple[dict, dict]:
     layers = _layers(model)
     if not layers:
         raise ValueError(f"deltakern.save: {type(model).__name__} has no IA3Linear layer")
-    task_type = _task_type(model)
+    task_type = peft_task_type(model)
     config = {
         "peft_type": "IA3",
         "task_type": task_type,

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..nn import LoRALinear
 from ..nn.wrapped_linear import is_conv1d
-from .common import DELTA_MODULES, freeze_base, replace_submodule
+from .common import DELTA_MODULES, freeze_base, peft_task_type, replace_submodule
 
 ALL_LINEAR = "all-linear"
 # PEFT's prefix of every key in a saved LoRA state dict (PeftModel.base_model is a LoraModel whose
@@ -167,28 +167,6 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def _task_type(model: nn.Module) -> str | None:
-    """PEFT's task_type for a transformers model class (what PeftModelFor<task> wraps), or None."""
-    try:
-        from transformers.models.auto import modeling_auto as auto
-    except ImportError:
-        return None
-    tables = (
-        ("CAUSAL_LM", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-        ("SEQ_2_SEQ_LM", auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
-        ("SEQ_CLS", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
-        ("TOKEN_CLS", auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
-        ("QUESTION_ANS", auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
-        ("FEATURE_EXTRACTION", auto.MODEL_MAPPING_NAMES),
-    )
-    name = type(model).__name__
-    for task, table in tables:
-        for classes in table.values():
-            if name == classes or (isinstance(classes, (tuple, list)) and name in classes):
-                return task
-    return None
-
-
 def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
     """PEFT's ``adapter_config.json`` contents and ``adapter_model.safetensors`` state dict for the
     LoRA layers of ``model``, as ``PeftModel.save_pretrained`` writes them.
@@ -213,7 +191,7 @@ def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
         )
     first = layers[0][1]
     use_rslora = first.scaling != first.alpha / first.r
-    task_type = _task_type(model)
+    task_type = peft_task_type(model)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..nn import PrefixEncoder
 from ..ops import prefix_attention
-from .common import freeze_base
+from .common import freeze_base, peft_task_type
 from .families import blocks, family_of
 
 IMPLEMENTATION = "deltakern"
@@ -376,22 +376,14 @@ def has_prefix(model: nn.Module) -> bool:
 # PEFT's checkpoint format
 # ---------------------------------------------------------------------------------------------
 
-_TASK_SUFFIXES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                  ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-                  ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
-
-
 def _task_type(model: nn.Module, caller: str) -> str:
-    name = type(model).__name__
-    for suffix, task in _TASK_SUFFIXES:
-        if name.endswith(suffix):
-            return task
-    if name.endswith("Model"):
-        return "FEATURE_EXTRACTION"
-    raise NotImplementedError(
-        f"{caller}: PEFT's prefix tuning has no task type for {name} (it applies the prefix for "
-        f"{', '.join(s for s, _ in _TASK_SUFFIXES)} and bare *Model classes)"
-    )
+    task = peft_task_type(model)
+    if task is None:
+        raise NotImplementedError(
+            f"{caller}: PEFT's prefix tuning has no task type for {type(model).__name__} (it applies the prefix "
+            f"for causal LM, seq2seq LM, sequence/token classification, question answering and bare models)"
+        )
+    return task
 
 
 def peft_prefix_checkpoint(model: nn.Module) -> tuple[dict, dict]:

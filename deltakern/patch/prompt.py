@@ -31,15 +31,11 @@ from torch import nn
 
 from ..nn import PromptEncoder
 from ..nn.prompt import ENCODERS
-from .common import freeze_base
+from .common import freeze_base, peft_task_type
 
 PROMPT_ATTRIBUTE = "deltakern_prompt"
 # Model classes whose labels have one entry per input token (and so get -100 on virtual tokens).
 _TOKEN_LABELS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForTokenClassification")
-# PEFT's task types for prompt tuning and P-tuning, by model class suffix.
-_TASK_SUFFIXES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                  ("ForTokenClassification", "TOKEN_CLS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-                  ("Model", "FEATURE_EXTRACTION"))
 # Tasks whose head PEFT saves beside the prompt, and the top-level head names it looks for.
 _HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 _HEADS = ("classifier", "score")
@@ -251,14 +247,14 @@ def fold_prompt_encoder(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 def _task_type(model: nn.Module, caller: str) -> str:
-    name = type(model).__name__
-    for suffix, task in _TASK_SUFFIXES:
-        if name.endswith(suffix):
-            return task
-    raise NotImplementedError(
-        f"{caller}: PEFT has no prompt-tuning task type for {name} (its prompt learning models are "
-        f"{', '.join(s for s, _ in _TASK_SUFFIXES)}; a PEFT model without task type ignores the prompt)"
-    )
+    task = peft_task_type(model)
+    if task is None:
+        raise NotImplementedError(
+            f"{caller}: PEFT has no prompt-tuning task type for {type(model).__name__} (its prompt learning "
+            f"models are causal LM, seq2seq LM, sequence/token classification and bare models; a PEFT model "
+            f"without task type ignores the prompt)"
+        )
+    return task
 
 
 def peft_prompt_checkpoint(model: nn.Module) -> tuple[dict, dict]:
