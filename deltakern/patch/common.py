@@ -101,6 +101,17 @@ def peft_task_type(model: nn.Module) -> str | None:
     return None
 
 
+def peft_config_fields(model: nn.Module, peft_type: str, task_type: str | None) -> dict:
+    """The fields every PEFT ``adapter_config.json`` has, as PEFT writes them for ``model``:
+    without a task type PEFT records the model class it wrapped in ``auto_mapping``."""
+    auto_mapping = None
+    if task_type is None:
+        auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    return {"peft_type": peft_type, "task_type": task_type, "auto_mapping": auto_mapping,
+            "base_model_name_or_path": model.__dict__.get("name_or_path", None) or None, "revision": None,
+            "inference_mode": True}
+
+
 @dataclass(frozen=True)
 class TrainableParameters:
     """``trainable`` and ``total`` parameter counts (shared parameters counted once)."""

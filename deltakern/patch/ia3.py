@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..nn import IA3Linear
-from .common import freeze_base, peft_task_type, replace_submodule
+from .common import freeze_base, peft_config_fields, peft_task_type, replace_submodule
 from .lora import PEFT_KEY_PREFIX, _resolve_targets
 
 # PEFT's default (IA)³ targets and feedforward layers for the model types of deltakern's families
@@ -160,13 +160,8 @@ def peft_ia3_checkpoint(model: nn.Module) -> tuple[dict, dict]:
     layers = _layers(model)
     if not layers:
         raise ValueError(f"deltakern.save: {type(model).__name__} has no IA3Linear layer")
-    task_type = peft_task_type(model)
     config = {
-        "peft_type": "IA3",
-        "task_type": task_type,
-        "base_model_name_or_path": model.__dict__.get("name_or_path", None) or None,
-        "revision": None,
-        "inference_mode": True,
+        **peft_config_fields(model, "IA3", peft_task_type(model)),
         "target_modules": sorted(name for name, _ in layers),
         "exclude_modules": None,
         "feedforward_modules": sorted(name for name, m in layers if m.feedforward),
@@ -174,9 +169,6 @@ def peft_ia3_checkpoint(model: nn.Module) -> tuple[dict, dict]:
         "modules_to_save": None,
         "init_ia3_weights": True,
     }
-    if task_type is None:
-        # PEFT records the model class it wrapped when it has no task-specific PeftModel class.
-        config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     state = {f"{PEFT_KEY_PREFIX}{name}.ia3_l": m.ia3_l.detach().reshape(_peft_shape(m)) for name, m in layers}
     return config, state
 

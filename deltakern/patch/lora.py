@@ -15,7 +15,7 @@ from torch import nn
 
 from ..nn import LoRALinear
 from ..nn.wrapped_linear import is_conv1d
-from .common import DELTA_MODULES, freeze_base, peft_task_type, replace_submodule
+from .common import DELTA_MODULES, freeze_base, peft_config_fields, peft_task_type, replace_submodule
 
 ALL_LINEAR = "all-linear"
 # PEFT's prefix of every key in a saved LoRA state dict (PeftModel.base_model is a LoraModel whose
@@ -191,13 +191,8 @@ def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
         )
     first = layers[0][1]
     use_rslora = first.scaling != first.alpha / first.r
-    task_type = peft_task_type(model)
     config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": model.__dict__.get("name_or_path", None) or None,
-        "revision": None,
-        "inference_mode": True,
+        **peft_config_fields(model, "LORA", peft_task_type(model)),
         "r": first.r,
         "lora_alpha": first.alpha,
         "lora_dropout": first.dropout,
@@ -216,9 +211,6 @@ def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
         "alpha_pattern": {},
         "layer_replication": None,
     }
-    if task_type is None:
-        # PEFT records the model class it wrapped when it has no task-specific PeftModel class.
-        config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     state = {}
     for name, layer in layers:
         state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..nn import PrefixEncoder
 from ..ops import prefix_attention
-from .common import freeze_base, peft_task_type
+from .common import freeze_base, peft_config_fields, peft_task_type
 from .families import blocks, family_of
 
 IMPLEMENTATION = "deltakern"
@@ -407,20 +407,15 @@ def peft_prefix_checkpoint(model: nn.Module) -> tuple[dict, dict]:
         )
     token_dim = encoder.num_kv_heads * encoder.head_dim
     config = {
-        "auto_mapping": None,
-        "base_model_name_or_path": getattr(model.config, "name_or_path", None) or None,
+        **peft_config_fields(model, "PREFIX_TUNING", task),
         "encoder_hidden_size": encoder.transform[0].out_features if encoder.transform is not None else token_dim,
-        "inference_mode": True,
         "init_weights": None,
         "modules_to_save": None,
         "num_attention_heads": encoder.num_kv_heads,
         "num_layers": encoder.num_layers,
         "num_transformer_submodules": 2 if task == "SEQ_2_SEQ_LM" else 1,
         "num_virtual_tokens": encoder.num_virtual_tokens,
-        "peft_type": "PREFIX_TUNING",
         "prefix_projection": encoder.transform is not None,
-        "revision": None,
-        "task_type": task,
         "token_dim": token_dim,
     }
     with torch.no_grad():

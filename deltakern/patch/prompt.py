@@ -31,7 +31,7 @@ from torch import nn
 
 from ..nn import PromptEncoder
 from ..nn.prompt import ENCODERS
-from .common import freeze_base, peft_task_type
+from .common import freeze_base, peft_config_fields, peft_task_type
 
 PROMPT_ATTRIBUTE = "deltakern_prompt"
 # Model classes whose labels have one entry per input token (and so get -100 on virtual tokens).
@@ -272,17 +272,12 @@ def peft_prompt_checkpoint(model: nn.Module) -> tuple[dict, dict]:
     task = _task_type(model, caller)
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     config = {
-        "auto_mapping": None,
-        "base_model_name_or_path": getattr(model.config, "name_or_path", None) or None,
-        "inference_mode": True,
+        **peft_config_fields(model, prompt.peft_type, task),
         "modules_to_save": None,
         "num_attention_heads": getattr(text_config, "num_attention_heads", None),
         "num_layers": getattr(text_config, "num_hidden_layers", None),
         "num_transformer_submodules": prompt.embedding.num_embeddings // prompt.num_virtual_tokens,
         "num_virtual_tokens": prompt.num_virtual_tokens,
-        "peft_type": prompt.peft_type,
-        "revision": None,
-        "task_type": task,
         "token_dim": prompt.embedding.embedding_dim,
     }
     if prompt.peft_type == "P_TUNING":
