@@ -66,24 +66,14 @@ using namespace vec16;
 struct VecMath {
   using Scalar = float;
 
-  // Cephes expf: n = round(x log2 e), exp(x) = 2^n exp(r) with r = x - n ln 2 split in two
-  // parts, exp(r) by a degree-7 polynomial. 2^n is applied as 2^(n/2) 2^(n - n/2) so that
-  // results down to the denormals (x > -104) and up to FLT_MAX come out right.
+  // Cephes expf, exp(x) = 2^n exp(r) (exp_reduced of vec16.h). 2^n is applied as
+  // 2^(n/2) 2^(n - n/2) so that results down to the denormals (x > -104) and up to FLT_MAX come
+  // out right.
   static DELTAKERN_ALWAYS_INLINE vfloat exp(vfloat x) {
     vfloat xc = x > 89.0f ? splat(89.0f) : x;
     xc = xc < -104.0f ? splat(-104.0f) : xc;
-    const vfloat t = xc * 1.44269504088896341f;
-    const vint n_int = __builtin_convertvector(t + (t < 0.0f ? splat(-0.5f) : splat(0.5f)), vint);
-    const vfloat n = __builtin_convertvector(n_int, vfloat);
-    vfloat r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vfloat y = splat(1.9875691500e-4f);
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
+    vint n_int;
+    vfloat y = exp_reduced(xc, n_int);
     const vint n1 = n_int >> 1;
     const vint n2 = n_int - n1;
     y = y * reinterpret_cast<vfloat>((n1 + 127) << 23) * reinterpret_cast<vfloat>((n2 + 127) << 23);

@@ -48,21 +48,11 @@ using namespace vec16;
 
 // exp(x) for the softmax arguments (x <= 0 up to rounding) within 2 ulp; exactly 0 for
 // x < -87 and for -inf (a masked score), as softmax_weight/softmax_prob of attention.h give;
-// NaN stays NaN. Cody-Waite reduction and the Cephes polynomial.
+// NaN stays NaN. Cody-Waite reduction and the Cephes polynomial: exp_reduced of vec16.h.
 DELTAKERN_ALWAYS_INLINE vfloat exp_score(vfloat x) {
   const vfloat xc = x < -87.0f ? splat(-87.0f) : x;
-  const vfloat t = xc * 1.44269504088896341f;
-  const vint n_int = __builtin_convertvector(t + (t < 0.0f ? splat(-0.5f) : splat(0.5f)), vint);
-  const vfloat n = __builtin_convertvector(n_int, vfloat);
-  vfloat r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vfloat y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  vint n_int;
+  const vfloat y = exp_reduced(xc, n_int);
   const vfloat pow2n = reinterpret_cast<vfloat>((n_int + 127) << 23);
   return x < -87.0f ? vfloat{} : y * pow2n;
 }

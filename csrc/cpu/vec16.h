@@ -68,6 +68,25 @@ DELTAKERN_ALWAYS_INLINE void store_part(T* p, vfloat v, int64_t count) {
 
 // f(c, count) over [0, n) in chunks of kLanes, the last one shorter. The callers' lambdas are
 // always inlined too, for the reason above.
+// The core of Cephes expf shared by the two vector exps (exp_score in prefix_attention.cpp, the
+// activations' exp in adapter.cpp), which differ only in their range handling: n = round(x log2 e)
+// and exp(r) for r = x - n ln 2 (ln 2 split in two parts, Cody-Waite) by a degree-7 polynomial.
+// Returns exp(r) and sets n; the caller clamps x before and applies 2^n after.
+DELTAKERN_ALWAYS_INLINE vfloat exp_reduced(vfloat x, vint& n_int) {
+  const vfloat t = x * 1.44269504088896341f;
+  n_int = __builtin_convertvector(t + (t < 0.0f ? splat(-0.5f) : splat(0.5f)), vint);
+  const vfloat n = __builtin_convertvector(n_int, vfloat);
+  vfloat r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vfloat y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  return y * r * r + r + 1.0f;
+}
+
 template <typename F>
 DELTAKERN_ALWAYS_INLINE void for_each_chunk(int64_t n, F&& f) {
   int64_t c = 0;
