@@ -43,6 +43,12 @@ TORCH_LIBRARY(deltakern, m) {
   m.def(
       "adapter_bwd(Tensor grad_out, Tensor h, Tensor w_down, Tensor w_up, Tensor pre, "
       "int activation, float scaling, bool residual_is_h) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ia3_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor scale, bool scale_input) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "ia3_linear_bwd(Tensor grad_out, Tensor unscaled, Tensor weight, Tensor scale, "
+      "bool scale_input) -> (Tensor, Tensor)");
   // Takes no tensor, so it has one catch-all kernel: the CPU port of philox.h, for the tests.
   m.def("dropout_keep_mask(int rows, int cols, float p, int seed) -> Tensor",
         &deltakern::dropout_keep_mask_cpu);
@@ -55,6 +61,8 @@ TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cpu);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cpu);
   m.impl("adapter_bwd", &deltakern::adapter_bwd_cpu);
+  m.impl("ia3_linear_fwd", &deltakern::ia3_linear_fwd_cpu);
+  m.impl("ia3_linear_bwd", &deltakern::ia3_linear_bwd_cpu);
 }
 
 #ifdef DELTAKERN_WITH_CUDA
@@ -65,6 +73,8 @@ TORCH_LIBRARY_IMPL(deltakern, CUDA, m) {
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cuda);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cuda);
   m.impl("adapter_bwd", &deltakern::adapter_bwd_cuda);
+  m.impl("ia3_linear_fwd", &deltakern::ia3_linear_fwd_cuda);
+  m.impl("ia3_linear_bwd", &deltakern::ia3_linear_bwd_cuda);
 }
 #define DELTAKERN_HAS_CUDA_KERNELS 1
 #else

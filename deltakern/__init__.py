@@ -2,7 +2,7 @@
 
 from . import nn, prompts
 from .backend import BACKENDS, BackendUnavailableError, use_backend
-from .ops import adapter, lora_linear, prefix_attention
+from .ops import adapter, ia3_linear, lora_linear, prefix_attention
 from .patch import (
     PatchReport,
     TrainableParameters,
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "PatchReport", "TrainableParameters", "adapter", "add_adapters",
-    "add_bitfit", "add_ia3", "prompts",
+    "add_bitfit", "add_ia3", "ia3_linear", "prompts",
     "add_lora", "add_prefix", "add_prompt", "fold_prompt_encoder", "load", "lora_linear", "merge_lora", "nn",
     "patch", "prefix_attention", "save",
     "trainable_parameters", "unpatch", "use_backend", "__version__",

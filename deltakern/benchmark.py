@@ -546,6 +546,135 @@ def lora_cases(shapes: Iterable[LoraShape], dtype: torch.dtype, device: str) -> 
 
 
 # --------------------------------------------------------------------------------------------
+# ia3_linear
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ia3Shape:
+    m: int
+    in_features: int
+    out_features: int
+    scale_input: bool
+
+    def __str__(self) -> str:
+        where = "input" if self.scale_input else "output"
+        return f"M={self.m},in={self.in_features},out={self.out_features},{where} scale"
+
+
+# A Llama-style layer over 2048 tokens: the key/value projection with an output scale, and the
+# FFN's down projection (intermediate 2816 = 2.75 x 1024) with an input scale.
+IA3_DEFAULT_SHAPES = (Ia3Shape(2048, 1024, 1024, False), Ia3Shape(2048, 2816, 1024, True))
+IA3_QUICK_SHAPES = (Ia3Shape(256, 256, 128, False), Ia3Shape(256, 256, 128, True))
+
+
+class Ia3Case:
+    """Inputs of one shape and the providers that compute the same (IA)³ layer, weight frozen.
+
+    Providers: ``frozen-linear`` (the base ``F.linear`` alone: the floor), ``reference`` (PEFT's
+    way: the linear, then ``* l`` as a pass of its own; or ``x * l`` before the linear),
+    ``torch.compile`` of that reference, and ``deltakern-<backend>``. x and the scale train.
+    """
+
+    def __init__(self, shape: Ia3Shape, dtype: torch.dtype, device: str):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        s = shape
+
+        def randn(*size, scale=1.0, shift=0.0):
+            return (torch.randn(*size, generator=g) * scale + shift).to(dtype=dtype, device=device)
+
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.x = randn(s.m, s.in_features).requires_grad_(True)
+        self.weight = randn(s.out_features, s.in_features, scale=s.in_features**-0.5)
+        self.bias = randn(s.out_features)
+        size = s.in_features if s.scale_input else s.out_features
+        self.scale = randn(size, scale=0.1, shift=1.0).requires_grad_(True)
+        self.grad_out = randn(s.m, s.out_features)
+
+    def frozen_linear(self, x, scale):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def peft_way(self, x, scale):
+        F = torch.nn.functional
+        if self.shape.scale_input:
+            return F.linear(x * scale, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) * scale
+
+    def deltakern(self, backend: str):
+        from .backend import use_backend
+        from .ops.ia3_linear import ia3_linear
+
+        def run(x, scale):
+            with use_backend(backend):
+                return ia3_linear(x, self.weight, self.bias, scale, scale_input=self.shape.scale_input)
+
+        return run
+
+    def providers(self, backends: Iterable[str], with_compile: bool = True) -> dict[str, Callable]:
+        found = {"frozen-linear": self.frozen_linear, "reference": self.peft_way}
+        if with_compile:
+            found["torch.compile"] = torch.compile(self.peft_way)
+        for backend in backends:
+            found[f"deltakern-{backend}"] = self.deltakern(backend)
+        return found
+
+    def params(self, provider: str) -> list[torch.Tensor]:
+        return [self.x] if provider == "frozen-linear" else [self.x, self.scale]
+
+    def check(self, provider: str, fn: Callable) -> tuple[bool, float]:
+        """Run ``fn`` once and compare output and gradients with fp64 math."""
+        params = self.params(provider)
+        for p in params:
+            p.grad = None
+        out = fn(self.x, self.scale)
+        out.backward(self.grad_out)
+        results = {"out": out.detach(), **{f"d{i}": p.grad.detach().clone() for i, p in enumerate(params)}}
+        for p in params:
+            p.grad = None
+        leaves = [p.detach().double().requires_grad_(True) for p in params]
+        x64 = leaves[0]
+        scale64 = leaves[1] if len(leaves) > 1 else None
+        F = torch.nn.functional
+        weight64, bias64 = self.weight.double(), self.bias.double()
+        if scale64 is None:
+            expected_out = F.linear(x64, weight64, bias64)
+        elif self.shape.scale_input:
+            expected_out = F.linear(x64 * scale64, weight64, bias64)
+        else:
+            expected_out = F.linear(x64, weight64, bias64) * scale64
+        expected_out.backward(self.grad_out.double())
+        expected = {"out": expected_out.detach(), **{f"d{i}": p.grad for i, p in enumerate(leaves)}}
+        atol, rtol = (1e-3, 1e-3) if self.dtype == torch.float32 else (5e-2, 5e-2)
+        return check_close(results, expected, atol, rtol)
+
+    def run_mode(self, provider: str, fn: Callable, mode: str) -> tuple[Callable, Callable | None]:
+        """(timed callable, setup) for ``mode``: fwd builds the graph, bwd runs backward only."""
+        params = self.params(provider)
+
+        def clear():
+            for p in params:
+                p.grad = None
+
+        if mode == "fwd":
+            return (lambda: fn(self.x, self.scale)), None
+        if mode == "full":
+            return (lambda: (clear(), fn(self.x, self.scale).backward(self.grad_out))), None
+
+        def setup():
+            clear()
+            return fn(self.x, self.scale)
+
+        return (lambda out: out.backward(self.grad_out)), setup
+
+    def saved_bytes(self, fn: Callable) -> int:
+        return saved_tensors_bytes(lambda: fn(self.x, self.scale), exclude=(self.weight, self.bias, self.scale))
+
+
+def ia3_cases(shapes: Iterable[Ia3Shape], dtype: torch.dtype, device: str) -> list[Ia3Case]:
+    return [Ia3Case(shape, dtype, device) for shape in shapes]
+
+
+# --------------------------------------------------------------------------------------------
 # prefix_attention
 # --------------------------------------------------------------------------------------------
 

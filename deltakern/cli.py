@@ -142,7 +142,7 @@ class _Suite:
     cases: Callable  # (shapes, dtype, device) -> cases of benchmark.run_cases
 
 
-_OPS = ("lora", "prefix", "adapter", "e2e")
+_OPS = ("lora", "prefix", "adapter", "ia3", "e2e")
 _DEFAULT_OPS = _OPS
 
 
@@ -160,6 +160,9 @@ def _suite(op: str, device: str) -> _Suite:
     if op == "adapter":
         return _Suite("adapter", benchmark.AdapterShape, benchmark.ADAPTER_DEFAULT_SHAPES, benchmark.ADAPTER_QUICK_SHAPES,
                       benchmark.adapter_cases)
+    if op == "ia3":
+        return _Suite("ia3_linear", benchmark.Ia3Shape, benchmark.IA3_DEFAULT_SHAPES, benchmark.IA3_QUICK_SHAPES,
+                      benchmark.ia3_cases)
     from . import e2e
 
     return _Suite("e2e", e2e.E2EShape, tuple(e2e.E2E_DEFAULT_SHAPES[device]), tuple(e2e.E2E_QUICK_SHAPES), e2e.e2e_cases)
@@ -193,7 +196,7 @@ def _bench(args) -> int:
     missing = [name for name in _needed_modules(ops) if importlib.util.find_spec(name) is None]
     if missing:
         print(f"deltakern bench: needs {', '.join(missing)}, not installed: pip install 'deltakern[bench]'"
-              + (" (or leave e2e out: --ops lora,prefix,adapter)" if "matplotlib" not in missing else ""), file=sys.stderr)
+              + (" (or leave e2e out: --ops lora,prefix,adapter,ia3)" if "matplotlib" not in missing else ""), file=sys.stderr)
         return 2
     suites = {op: _suite(op, device) for op in ops}
     shapes = {op: suite.quick_shapes if args.quick else suite.default_shapes for op, suite in suites.items()}
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
     bench.add_argument("--shapes", metavar="FILE",
                        help='JSON file of shapes replacing the defaults of the ops it names: '
-                            '{"lora": [{"m": 2048, "in_features": 1024, ...}], "prefix": [...], "adapter": [...], "e2e": [...]}')
+                            '{"lora": [{"m": 2048, "in_features": 1024, ...}], "prefix": [...], "adapter": [...], "ia3": [...], "e2e": [...]}')
     bench.add_argument("--gpu-report", action="store_true",
                        help="instead of timing: the sm_80/sm_90 compile report of every GPU kernel (table and CSV)")
     bench.add_argument("--out", default="deltakern-bench",

@@ -1,6 +1,6 @@
 """End-to-end fine-tuning step of ``deltakern bench``: a Llama-style causal LM built from a
 transformers ``LlamaConfig`` with random weights (nothing downloads), fine-tuned by LoRA, prefix
-tuning, Houlsby adapters, prompt tuning, P-tuning v1 or BitFit, the PEFT way (or plain torch where
+tuning, Houlsby adapters, prompt tuning, P-tuning v1, BitFit or (IA)³, the PEFT way (or plain torch where
 PEFT lacks the method) against deltakern's.
 
 One training step (mode ``full``) is ``zero_grad`` + forward with ``labels`` (mean cross-entropy of
@@ -19,7 +19,9 @@ Providers (the ``providers`` dict of :class:`E2ECase`):
   and P-tuning: PEFT's ``PromptTuningConfig(num_virtual_tokens=32)`` (random init) and
   ``PromptEncoderConfig(num_virtual_tokens=32, encoder_reparameterization_type="MLP")``. BitFit
   (PEFT has none): a zero bias added to every bias-less ``nn.Linear`` (all of Llama's, the LM head
-  included), the biases trainable and nothing else, in plain torch.
+  included), the biases trainable and nothing else, in plain torch. (IA)³: PEFT's ``IA3Config``
+  with its Llama defaults (output scales on ``k_proj`` and ``v_proj``, an input scale on
+  ``down_proj``).
 - ``torch.compile``: the compiled reference, on CUDA only (there the eval-mode check below
   compiles a second graph; the 3 warm-up steps absorb the train-mode one). It works on CPU too,
   but compiling is too slow for the suite's budget (~90 s for the whole end-to-end part) on this
@@ -27,15 +29,16 @@ Providers (the ``providers`` dict of :class:`E2ECase`):
   per method even at the quick shape, and for LoRA as much again for the train-mode graph (dropout
   on) after the eval-mode check.
 - ``deltakern-<backend>``: the same model with ``deltakern.add_lora`` / ``add_prefix`` /
-  ``add_adapters`` / ``add_prompt`` / ``add_bitfit(add_missing_biases=True)`` and the ops forced to
+  ``add_adapters`` / ``add_prompt`` / ``add_bitfit(add_missing_biases=True)`` / ``add_ia3`` and the ops forced to
   ``backend`` with :func:`deltakern.use_backend`. Prompt tuning, P-tuning and BitFit use no
   deltakern kernel (virtual tokens are a concatenation before the first layer; BitFit trains biases
   ``nn.Linear`` already adds), so their ratio to the reference is expected near 1.0: these rows
   show what the methods cost in the same loop, and that deltakern adds nothing to it.
 
 Both models have the same base weights (one seeded build, copied) and the same delta weights (the
-reference's copied into deltakern's; LoRA's B drawn non-zero so the LoRA path matters; BitFit's
-biases stay zero on both sides, as ``add_bitfit`` adds them). ``check``
+reference's copied into deltakern's; LoRA's B drawn non-zero so the LoRA path matters, and the
+(IA)³ vectors drawn around 1 instead of all ones so a missing scale shows; BitFit's biases stay
+zero on both sides, as ``add_bitfit`` adds them). ``check``
 compares the loss and every delta parameter's gradient with the eager reference's in the same
 dtype, with dropout off in both (eval mode): LoRA dropout draws its masks from different generators
 (torch's for PEFT, Philox for deltakern), so with dropout on the two steps differ by design. The
@@ -58,7 +61,7 @@ from torch import nn
 
 from .benchmark import check_close, saved_tensors_bytes
 
-METHODS = ("lora", "prefix", "adapter", "prompt", "ptuning", "bitfit")
+METHODS = ("lora", "prefix", "adapter", "prompt", "ptuning", "bitfit", "ia3")
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
 PREFIX_TOKENS = 32
 PROMPT_TOKENS = 32
@@ -66,6 +69,7 @@ ADAPTER_BOTTLENECK = 64
 # LoRA's B starts at zero (PEFT and deltakern alike), which would make the LoRA path's output and
 # A's gradient zero; the benchmark draws B like the base layers (HF's initializer_range).
 LORA_B_STD = 0.02
+IA3_STD = 0.1
 LEARNING_RATE = 1e-4
 _SEED = 0
 # Loss and each delta gradient, relative to the largest magnitude of the reference's tensor:
@@ -236,7 +240,9 @@ class E2ECase:
                     weight = module.weight
                     module.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
             return base
-        if method == "lora":
+        if method == "ia3":
+            config = peft.IA3Config(task_type="CAUSAL_LM")
+        elif method == "lora":
             config = peft.LoraConfig(task_type="CAUSAL_LM", r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                                      target_modules="all-linear")
         elif method == "prefix":
@@ -249,16 +255,17 @@ class E2ECase:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = peft.get_peft_model(base, config)
-        if method == "lora":
-            torch.manual_seed(_SEED + 2)
-            with torch.no_grad():
-                for name, parameter in model.named_parameters():
-                    if "lora_B" in name:
-                        parameter.normal_(0.0, LORA_B_STD)
+        torch.manual_seed(_SEED + 2)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if method == "lora" and "lora_B" in name:
+                    parameter.normal_(0.0, LORA_B_STD)
+                elif method == "ia3" and "ia3_l" in name:
+                    parameter.normal_(1.0, IA3_STD)
         return model
 
     def _deltakern(self, base: nn.Module) -> nn.Module:
-        from . import add_adapters, add_bitfit, add_lora, add_prefix, add_prompt
+        from . import add_adapters, add_bitfit, add_ia3, add_lora, add_prefix, add_prompt
 
         method = self.shape.method
         if method == "lora":
@@ -271,10 +278,14 @@ class E2ECase:
             return add_prompt(base, PROMPT_TOKENS, encoder="mlp")
         if method == "bitfit":
             return add_bitfit(base, add_missing_biases=True)
+        if method == "ia3":
+            return add_ia3(base)
         return add_adapters(base, bottleneck=ADAPTER_BOTTLENECK, placement="houlsby", activation="relu", scaling=1.0)
 
     def _delta_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
-        """``(name, reference parameter, deltakern parameter)`` for every delta parameter."""
+        """``(name, reference parameter, deltakern parameter)`` for every delta parameter; the two
+        hold the same values, in the same shape but for the (IA)³ vectors (PEFT's ``[out, 1]`` or
+        ``[1, in]``, deltakern's 1-D)."""
         method = self.shape.method
         if method == "lora":
             from peft.tuners.lora import LoraLayer
@@ -296,6 +307,12 @@ class E2ECase:
             if set(ours) != set(theirs):
                 raise RuntimeError(f"E2ECase: deltakern's prompt parameters {sorted(ours)} are not PEFT's {sorted(theirs)}")
             pairs = [(f"prompt.{name}", parameter, ours[name]) for name, parameter in theirs.items()]
+        elif method == "ia3":
+            from peft.tuners.ia3 import IA3Layer
+
+            base = self.reference.get_base_model()
+            pairs = [(f"{name}.ia3_l", layer.ia3_l["default"], self.model.get_submodule(name).ia3_l)
+                     for name, layer in base.named_modules() if isinstance(layer, IA3Layer)]
         elif method == "bitfit":
             pairs = [(f"{name}.bias", module.bias, self.model.get_submodule(name).bias)
                      for name, module in self.reference.named_modules() if isinstance(module, nn.Linear)]
@@ -316,7 +333,7 @@ class E2ECase:
         with torch.no_grad():
             for (_, reference, ours), initial in zip(self.pairs, self._initial):
                 reference.copy_(initial)
-                ours.copy_(initial)
+                ours.copy_(initial.reshape(ours.shape))  # PEFT keeps (IA)³ vectors 2-D, deltakern 1-D
 
     # -- providers --------------------------------------------------------------------------
 
@@ -348,7 +365,7 @@ class E2ECase:
         column = 1 if fn.model is self.reference else 2
         found = {"loss": loss.detach()}
         for pair in self.pairs:
-            found[pair[0]] = pair[column].grad.detach().clone()
+            found[pair[0]] = pair[column].grad.detach().reshape(pair[1].shape).clone()
         fn.model.zero_grad(set_to_none=True)
         return found
 

@@ -1,9 +1,9 @@
 """``deltakern bench --gpu-report``: how the GPU kernels compile for sm_80 and sm_90, without a GPU.
 
 Triton: every kernel of every op, every autotune config, at the variants ``triton_kernels.aot``
-covers (LoRA ranks, adapter bottlenecks, attention head dims), in fp16 and bf16, compiled ahead of
-time for sm_80 and sm_90; ptxas gives registers and spill bytes, the PTX whether ``tl.dot``
-lowered to tensor-core instructions (``mma.sync``, ``wgmma.mma_async``).
+covers (LoRA ranks, adapter bottlenecks, attention head dims, the side of the (IA)³ scale), in
+fp16 and bf16, compiled ahead of time for sm_80 and sm_90; ptxas gives registers and spill bytes,
+the PTX whether ``tl.dot`` lowered to tensor-core instructions (``mma.sync``, ``wgmma.mma_async``).
 
 CUDA: every kernel in the cubins of the built extension ``deltakern._C``; ``cuobjdump
 --dump-resource-usage`` gives what ptxas recorded (registers, stack, static shared and local
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-TRITON_OPS = ("lora_linear", "prefix_attention", "adapter")
+TRITON_OPS = ("lora_linear", "prefix_attention", "adapter", "ia3_linear")
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16")
 # Concurrent compile subprocesses: the two cores of the development machine and of CI runners.
@@ -408,7 +408,8 @@ def format_table(rows: list[ReportRow]) -> str:
         if simt:
             lines.append(f"CUDA {', '.join(simt)} kernels are fp32 SIMT by design (no tensor cores yet); "
                          "not a failure. Shared memory of CUDA kernels is their static __shared__ only.")
-        lines.append("CUDA GEMMs of lora_linear and adapter go through cuBLAS (not in deltakern's cubins).")
+        lines.append("CUDA GEMMs of lora_linear, adapter and ia3_linear go through cuBLAS (not in deltakern's "
+                     "cubins).")
     return "\n".join(lines)
 
 

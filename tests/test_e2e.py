@@ -70,7 +70,7 @@ def test_same_base_and_delta_weights(cases):
         embed = "model.embed_tokens.weight"
         assert torch.equal(ours[embed], reference[embed]), method
         for name, theirs, mine in case.pairs:
-            assert torch.equal(theirs, mine), name
+            assert torch.equal(theirs.reshape(mine.shape), mine), name
     lora = cases["lora"]
     assert len(lora.pairs) == 2 * 7 * SHAPES["lora"].layers  # q, k, v, o, gate, up, down; not lm_head
     assert all(mine.abs().max() > 0 for name, _, mine in lora.pairs if name.endswith("lora_B"))
@@ -97,6 +97,14 @@ def test_same_base_and_delta_weights(cases):
     assert list(bitfit_biases(bitfit.model)) == names
     assert all(not theirs.any() and not mine.any() for _, theirs, mine in bitfit.pairs)
     assert [p for p in bitfit.reference.parameters() if p.requires_grad] == [theirs for _, theirs, _ in bitfit.pairs]
+    # (IA)³: PEFT's Llama defaults, output scales on k_proj and v_proj and an input scale on
+    # down_proj, drawn around 1.
+    ia3 = {name: mine for name, _, mine in cases["ia3"].pairs}
+    kv = SHAPES["ia3"].hidden // SHAPES["ia3"].heads * SHAPES["ia3"].kv_heads
+    assert {name: p.shape for name, p in ia3.items()} == {
+        f"model.layers.{i}.{where}.ia3_l": (size,) for i in range(SHAPES["ia3"].layers)
+        for where, size in (("self_attn.k_proj", kv), ("self_attn.v_proj", kv), ("mlp.down_proj", SHAPES["ia3"].intermediate))}
+    assert all(0.0 < (p - 1.0).abs().max() < 1.0 for p in ia3.values())
 
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.ia3_linear import ia3_linear
 from .wrapped_linear import WrappedLinear
 
 
@@ -21,12 +22,13 @@ class IA3Linear(WrappedLinear):
 
     ``ia3_l`` starts at ones, so the module starts out equal to ``base``.
 
-    This is the reference path in plain torch: the product is a separate elementwise pass over the
-    output (or input) of the projection. The fused epilogue (the scale applied inside the
-    projection's kernel) is not written yet.
+    The forward is one ``deltakern.ia3_linear`` call: the scale is applied inside the projection's
+    kernel, not as a separate pass over its output or input. A ``Conv1D`` weight is handed over
+    as the transposed view ``weight.t()``, which the op makes contiguous (a copy per call).
 
-    The product is computed in ``ia3_l``'s dtype and cast back to the dtype of the tensor it
-    scales, as PEFT does, so an fp32 vector on a bf16 model keeps the model's dtype.
+    ``ia3_l`` is cast to the input's dtype for the op (an fp32 vector on a bf16 model scales in
+    bf16 values; PEFT multiplies in the vector's dtype and casts the product back); products are
+    accumulated in fp32 either way.
 
     Attributes:
         base_layer: the wrapped ``nn.Linear`` (weight ``[out, in]``) or ``Conv1D`` (weight
@@ -50,10 +52,8 @@ class IA3Linear(WrappedLinear):
         nn.init.ones_(self.ia3_l)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.feedforward:
-            return self.base_layer((x.to(self.ia3_l.dtype) * self.ia3_l).to(x.dtype))
-        y = self.base_layer(x)
-        return (y * self.ia3_l).to(y.dtype)
+        weight = self.base_layer.weight.t() if self.fan_in_fan_out else self.base_layer.weight
+        return ia3_linear(x, weight, self.base_layer.bias, self.ia3_l.to(x.dtype), scale_input=self.feedforward)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, feedforward={self.feedforward}"

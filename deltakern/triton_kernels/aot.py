@@ -6,7 +6,7 @@ returns a :class:`CompileRecord` (registers, spills, shared memory, tensor-core 
 Each op describes its kernels once in an :class:`OpSpec` (``OPS``); ``compile_jobs(op)`` lists
 every (kernel, autotune config, variant, dtype, arch) of it and ``compile_job`` compiles one.
 The variant is the size that changes a kernel's tiles: the LoRA rank, the adapter bottleneck, the
-attention head dim.
+attention head dim; for ia3_linear, which has none, the side the scale is on (0 output, 1 input).
 
 The kernels must have been imported with ``TRITON_INTERPRET`` unset: under the interpreter
 ``@triton.jit`` makes interpreter functions, which cannot be compiled.
@@ -32,6 +32,7 @@ from triton.runtime.jit import JITFunction
 
 from deltakern.reference.adapter import ACTIVATIONS
 from deltakern.triton_kernels import adapter as _adapter
+from deltakern.triton_kernels import ia3_linear as _ia3
 from deltakern.triton_kernels import lora_linear as _lora
 from deltakern.triton_kernels import prefix_attention as _attn
 
@@ -253,6 +254,24 @@ ADAPTER_KERNELS = {
 }
 
 
+def _ia3_signatures(dtype: str) -> dict:
+    """Runtime argument types of each ia3_linear kernel for ``dtype`` inputs."""
+    t = f"*{dtype}"
+    sizes = {"M": "i32", "N": "i32", "K": "i32"}
+    return {
+        "fwd": {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "scale_ptr": t, "out_ptr": t, "z_ptr": t, **sizes},
+        # ds is an fp32 buffer of per-row-tile partial sums.
+        "bwd": {"dy_ptr": t, "w_ptr": t, "unscaled_ptr": t, "scale_ptr": t, "dx_ptr": t, "ds_ptr": "*fp32", **sizes},
+    }
+
+
+# Flags at the heavier variant (bias present); the scale's side is the variant.
+IA3_KERNELS = {
+    "fwd": (_ia3.ia3_fwd_kernel, {"HAS_BIAS": True}),
+    "bwd": (_ia3.ia3_bwd_kernel, {}),
+}
+
+
 OPS = {
     "lora_linear": OpSpec(
         kernels=LORA_KERNELS,
@@ -286,6 +305,16 @@ OPS = {
             **({} if kernel == "bwd_preprocess" else {"DOT_PRECISION": "tf32"})},
         # Sequence lengths and head counts are arbitrary: only the (16-byte aligned) pointers.
         divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr")),
+    ),
+    "ia3_linear": OpSpec(
+        kernels=IA3_KERNELS,
+        signatures=_ia3_signatures,
+        # Each kernel is compiled with the scale on the output (0) and on the input (1) side.
+        variants=(0, 1),
+        variant_tag="scale_input",
+        variant_constexprs=lambda kernel, side: {"SCALE_INPUT": bool(side), "DOT_PRECISION": "tf32"},
+        # Aligned pointers and the layer's feature sizes N, K multiples of 16, as for lora_linear.
+        divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name in ("N", "K")),
     ),
 }
 

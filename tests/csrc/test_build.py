@@ -27,7 +27,7 @@ def test_extension_loads_with_cpu_kernels():
     assert hasattr(torch.ops.deltakern, "lora_linear_fwd")
 
 
-CUDA_SOURCES = ("adapter", "lora_linear", "prefix_attention")
+CUDA_SOURCES = ("adapter", "ia3_linear", "lora_linear", "prefix_attention")
 
 
 def cuobjdump(*args) -> str:

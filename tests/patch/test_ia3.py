@@ -51,7 +51,8 @@ def ours_like(family, peft_model, seed=0, **kwargs):
 
 def test_ia3_linear_by_hand():
     """Keys/values: base(x) * l (bias scaled too); feedforward: base(x * l); for nn.Linear and
-    GPT-2's Conv1D ([in, out] weight); ones at initialisation leave the layer unchanged."""
+    GPT-2's Conv1D ([in, out] weight); ones at initialisation leave the layer unchanged (up to
+    fp32 rounding)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6)
     linear = torch.nn.Linear(6, 4)
@@ -60,8 +61,9 @@ def test_ia3_linear_by_hand():
     for base in (linear, conv):
         out_layer, ff_layer = IA3Linear(base, feedforward=False), IA3Linear(base, feedforward=True)
         assert out_layer.ia3_l.shape == (4,) and ff_layer.ia3_l.shape == (6,)
-        torch.testing.assert_close(out_layer(x), base(x), atol=0, rtol=0)
-        torch.testing.assert_close(ff_layer(x), base(x), atol=0, rtol=0)
+        # Not bitwise: the fused kernel runs its own GEMM, not nn.Linear's.
+        torch.testing.assert_close(out_layer(x), base(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ff_layer(x), base(x), atol=1e-6, rtol=1e-5)
         with torch.no_grad():
             out_layer.ia3_l.normal_()
             ff_layer.ia3_l.normal_()

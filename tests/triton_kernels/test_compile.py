@@ -2,11 +2,12 @@
 
 No GPU is needed: each kernel and autotune config is compiled with ``triton.compile`` for a
 ``GPUTarget`` in fp16 and bf16, for each variant of the op (LoRA ranks and adapter bottlenecks 16
-and 64, attention head dims 64, 96 and 128), and its PTX is checked with Triton's bundled
-``ptxas``. Each op is compiled in one subprocess, when its first test runs (so ``-k adapter``
-compiles only the adapter kernels), with ``TRITON_INTERPRET`` removed from its environment,
-because under the interpreter ``@triton.jit`` makes functions that cannot be compiled; each (op,
-kernel, config, variant, dtype, arch) is then its own test.
+and 64, attention head dims 64, 96 and 128, the (IA)³ scale on the output and on the input side),
+and its PTX is checked with Triton's bundled ``ptxas``. Each op is compiled in one subprocess,
+when its first test runs (so ``-k adapter`` compiles only the adapter kernels), with
+``TRITON_INTERPRET`` removed from its environment, because under the interpreter ``@triton.jit``
+makes functions that cannot be compiled; each (op, kernel, config, variant, dtype, arch) is then
+its own test.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def test_every_kernel_is_compiled():
     assert {job.kernel for job in compile_jobs("adapter")} == {
         "down_gelu", "down_gelu_tanh", "up", "dz_gelu", "dz_gelu_tanh", "dh", "dwd"}
     assert {job.variant for job in compile_jobs("adapter")} == {16, 64}
+    # One GEMM each way; the scale's side (0 output, 1 input) is the variant.
+    assert {job.kernel for job in compile_jobs("ia3_linear")} == {"fwd", "bwd"}
+    assert {job.variant for job in compile_jobs("ia3_linear")} == {0, 1}
 
 
 @pytest.mark.parametrize("job", JOBS, ids=[f"{job.op}-{job.id}" for job in JOBS])
