@@ -8,94 +8,30 @@
 //   init         out = residual + s·b_up                   rows x column blocks of [M, d]
 //   activation   a = act(pre)                               flat grid-stride over [M, r]
 //   column sums  dpre (a_s = s·act(pre), dpre = s·dz·act'(pre)) and grad_out (copy for dh),
-//                each with per-row-group column sums of what it reads or writes: a block owns
-//                32 columns x one row group; its 8 warps walk the group's rows (warp w takes
-//                rows w, w + 8, ...), so every warp access is 32 consecutive elements of one
-//                row; the 8 per-thread sums meet in shared memory and one fp32 partial per
-//                (group, column) is stored. The caller sums the partials over the groups
-//                (deterministic: no atomics).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+//                each with per-row-group column sums of what it reads or writes
+//                (column_sum.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
 #include "adapter.cuh"
+#include "column_sum.cuh"
 #include "convert.cuh"
 #include "deltakern/activations.h"
 #include "deltakern/adapter_params.h"
-
-// The row walk of the column sums is unrolled twice. Left to nvcc (which unrolls it 4 times or
-// more), ptxas held the gelu_tanh instantiations at 32 registers and spilled 12 bytes to local
-// memory on sm_80 (unrolled 4 times: 5 kernels spilled); twice or not at all, nothing spills.
-#if defined(__CUDA_ARCH__)
-#define DK_ADAPTER_UNROLL _Pragma("unroll 2")
-#else
-#define DK_ADAPTER_UNROLL
-#endif
 
 namespace deltakern {
 namespace adapter_kernels {  // file-local (anonymous) below; named so a host harness can reach it
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kColTile = 32;
-constexpr int kRowLanes = kThreads / kColTile;
-// Grids are capped here and the kernels grid-stride over the rest; 65535 blocks of 256 threads
-// are many waves on any current GPU.
-constexpr int64_t kMaxBlocks = 65535;
-
-// What a kernel body reads of blockIdx, gridDim and threadIdx. The bodies below are
-// __host__ __device__ so that a host program can include this file and run them with threads
-// standing in for the lanes (no GPU needed to check their index math).
-struct Lane {
-  int64_t block_x, block_y, grid_x, grid_y;
-  int tid;
-};
-
-#if defined(__CUDA_ARCH__)
-__device__ __forceinline__ Lane this_lane() {
-  return Lane{blockIdx.x, blockIdx.y, gridDim.x, gridDim.y, static_cast<int>(threadIdx.x)};
-}
-#endif
-
-// __syncthreads on the GPU; the host harness passes its own (a barrier of the block's threads).
-struct DeviceSync {
-  DELTAKERN_HD void block() const {
-#if defined(__CUDA_ARCH__)
-    __syncthreads();
-#endif
-  }
-};
-
-// Launch geometry, shared by the launchers and a host harness. The divisions of the index
-// space are done here, on the host: a 64-bit division is a called subroutine on the GPU (it
-// cost 8 bytes of stack in the kernels that had one).
-struct Geometry {
-  int64_t grid_x, grid_y;
-};
+using namespace column_sum;
 
 inline Geometry flat_geometry(int64_t n) { return {std::min(ceil_div(n, kThreads), kMaxBlocks), 1}; }
 
 // init: gridDim.x blocks of kThreads columns, rows over gridDim.y.
 inline Geometry init_geometry(int64_t M, int64_t d) {
   return {std::min(ceil_div(d, kThreads), kMaxBlocks), std::min(M, kMaxBlocks)};
-}
-
-// Column sums: column tiles of kColTile over gridDim.x, row groups over gridDim.y.
-struct ColumnGeometry {
-  int64_t group_rows, groups, col_tiles;
-  Geometry grid;
-};
-
-inline ColumnGeometry column_geometry(int64_t M, int64_t cols) {
-  ColumnGeometry g;
-  g.group_rows = adapter_group_rows(M);
-  g.groups = ceil_div(M, g.group_rows);
-  g.col_tiles = ceil_div(cols, kColTile);
-  g.grid = {std::min(g.col_tiles, kMaxBlocks), std::min(g.groups, kMaxBlocks)};
-  return g;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -135,7 +71,9 @@ struct DpreOp {
   T* a_s;
   float scale;
 
-  DELTAKERN_HD float operator()(int64_t i) const {
+  DELTAKERN_HD float column(int64_t) const { return 0.f; }  // nothing per column
+
+  DELTAKERN_HD float operator()(int64_t i, float) const {
     float value;
     const float grad = activation_grad<kAct>(to_float(pre[i]), value);
     const float dp = scale * dz[i] * grad;
@@ -151,42 +89,14 @@ struct ColsumOp {
   const T* src;
   T* copy;
 
-  DELTAKERN_HD float operator()(int64_t i) const {
+  DELTAKERN_HD float column(int64_t) const { return 0.f; }  // nothing per column
+
+  DELTAKERN_HD float operator()(int64_t i, float) const {
     const T v = src[i];
     if (copy != nullptr) copy[i] = v;
     return to_float(v);
   }
 };
-
-// partial[g, j] = Σ op(m * cols + j) over the rows m of group g (see the file comment); sums
-// is the block's shared [kRowLanes][kColTile + 1] buffer.
-template <typename Sync, typename Op>
-DELTAKERN_HD void column_sum_body(const Lane& l, const Sync& sync, float (*sums)[kColTile + 1], const Op& op,
-                                  float* partial, int64_t M, int64_t cols, int64_t group_rows, int64_t groups,
-                                  int64_t col_tiles) {
-  const int tx = l.tid % kColTile;
-  const int ty = l.tid / kColTile;
-  // Block-uniform bounds: every thread reaches the syncs.
-  for (int64_t tile = l.block_x; tile < col_tiles; tile += l.grid_x) {
-    const int64_t j = tile * kColTile + tx;
-    for (int64_t g = l.block_y; g < groups; g += l.grid_y) {
-      const int64_t row_end = min64(M, (g + 1) * group_rows);
-      float acc = 0.f;
-      if (j < cols) {
-        DK_ADAPTER_UNROLL
-        for (int64_t m = g * group_rows + ty; m < row_end; m += kRowLanes) acc += op(m * cols + j);
-      }
-      sync.block();  // the previous group's readers of sums are done
-      sums[ty][tx] = acc;
-      sync.block();
-      if (ty == 0 && j < cols) {
-        float total = 0.f;
-        for (int k = 0; k < kRowLanes; ++k) total += sums[k][tx];
-        partial[g * cols + j] = total;
-      }
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------------
 // Kernels.
@@ -206,37 +116,6 @@ __global__ void __launch_bounds__(kThreads)
 #if defined(__CUDA_ARCH__)
   activation_body<kAct>(this_lane(), pre, a, n);
 #endif
-}
-
-template <typename Op>
-__global__ void __launch_bounds__(kThreads)
-    adapter_column_sum_kernel(Op op, float* __restrict__ partial, int64_t M, int64_t cols,
-                              int64_t group_rows, int64_t groups, int64_t col_tiles) {
-#if defined(__CUDA_ARCH__)
-  __shared__ float sums[kRowLanes][kColTile + 1];
-  column_sum_body(this_lane(), DeviceSync{}, sums, op, partial, M, cols, group_rows, groups, col_tiles);
-#endif
-}
-
-dim3 to_dim3(const Geometry& g) { return dim3(static_cast<unsigned>(g.grid_x), static_cast<unsigned>(g.grid_y)); }
-
-template <typename Op>
-cudaError_t launch_column_sum(const Op& op, float* partial, int64_t M, int64_t cols, cudaStream_t stream) {
-  const ColumnGeometry g = column_geometry(M, cols);
-  adapter_column_sum_kernel<<<to_dim3(g.grid), kThreads, 0, stream>>>(op, partial, M, cols, g.group_rows,
-                                                                      g.groups, g.col_tiles);
-  return cudaGetLastError();
-}
-
-// Calls f(T{}) with the storage type of dtype.
-template <typename F>
-cudaError_t with_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace

@@ -10,24 +10,13 @@
 #include <cstdint>
 
 #include "deltakern/adapter_params.h"
+#include "row_groups.h"
 
 namespace deltakern {
 
-// The row groups of the column sums (AdapterDpreParams, AdapterColsumParams): consecutive
-// runs of adapter_group_rows(M) rows, adapter_row_groups(M) of them, at most 256; the caller
-// allocates partial as [adapter_row_groups(M), columns] fp32 and sums it over the groups.
-constexpr int64_t kAdapterMinGroupRows = 64;
-constexpr int64_t kAdapterMaxRowGroups = 256;
-
-inline int64_t adapter_group_rows(int64_t M) {
-  const int64_t rows = (M + kAdapterMaxRowGroups - 1) / kAdapterMaxRowGroups;
-  return rows > kAdapterMinGroupRows ? rows : kAdapterMinGroupRows;
-}
-
-inline int64_t adapter_row_groups(int64_t M) {
-  const int64_t rows = adapter_group_rows(M);
-  return (M + rows - 1) / rows;
-}
+// The column sums (AdapterDpreParams, AdapterColsumParams) use the row groups of row_groups.h:
+// the caller allocates partial as [column_sum_row_groups(M), columns] fp32 and sums it over the
+// groups.
 
 // out = residual + scale · b_up (broadcast over rows); see AdapterInitParams.
 cudaError_t launch_adapter_init(const AdapterInitParams& params, cudaStream_t stream);

@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   const int64_t M = h.size(0), d = h.size(1), r = w_down.size(0);
   const DType dtype = to_dtype(h, kOp, "h");
   const auto fp32 = h.options().dtype(at::kFloat);
-  const int64_t groups = adapter_row_groups(M);
+  const int64_t groups = column_sum_row_groups(M);
 
   // dz = dOut w_up in fp32 for every dtype (cuBLAS accumulates in fp32 and, through mm's
   // out_dtype, stores fp32): a dz rounded to fp16/bf16 made db_down's error several times eager

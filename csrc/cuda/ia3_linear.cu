@@ -12,19 +12,14 @@
 //                or 32 x 8 bytes (fp16/bf16) per access and no thread divides to find its
 //                column.
 //   column sums  the two backward passes (input scale: dx = g ⊙ s, Σ g ⊙ x; output scale:
-//                Σ dY ⊙ z and, when asked, dY ⊙ s), adapter.cu's scheme: a block owns 32
-//                columns x one row group; its 8 warps walk the group's rows (warp w takes rows
-//                w, w + 8, ...), so every warp access is 32 consecutive elements of one row; the
-//                8 per-thread sums meet in shared memory and one fp32 partial per (group,
-//                column) is stored. The caller sums the partials over the groups
-//                (deterministic: no atomics).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+//                Σ dY ⊙ z and, when asked, dY ⊙ s), with per-row-group column sums of the
+//                products (column_sum.cuh).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "column_sum.cuh"
 #include "convert.cuh"
 #include "deltakern/ia3_params.h"
 #include "ia3_linear.cuh"
@@ -42,61 +37,13 @@ namespace deltakern {
 namespace ia3_kernels {  // file-local (anonymous) below; named so a host harness can reach it
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kColTile = 32;
-constexpr int kRowLanes = kThreads / kColTile;
+using namespace column_sum;
+
 constexpr int kPack = 4;
-// Grids are capped here and the kernels grid-stride over the rest; 65535 blocks of 256 threads
-// are many waves on any current GPU.
-constexpr int64_t kMaxBlocks = 65535;
-
-// What a kernel body reads of blockIdx, gridDim and threadIdx. The bodies below are
-// __host__ __device__ so that a host program can include this file and run them with threads
-// standing in for the lanes (no GPU needed to check their index math).
-struct Lane {
-  int64_t block_x, block_y, grid_x, grid_y;
-  int tid;
-};
-
-#if defined(__CUDA_ARCH__)
-__device__ __forceinline__ Lane this_lane() {
-  return Lane{blockIdx.x, blockIdx.y, gridDim.x, gridDim.y, static_cast<int>(threadIdx.x)};
-}
-#endif
-
-// __syncthreads on the GPU; the host harness passes its own (a barrier of the block's threads).
-struct DeviceSync {
-  DELTAKERN_HD void block() const {
-#if defined(__CUDA_ARCH__)
-    __syncthreads();
-#endif
-  }
-};
-
-// Launch geometry, shared by the launchers and a host harness. The divisions of the index
-// space are done here, on the host (a 64-bit division is a called subroutine on the GPU).
-struct Geometry {
-  int64_t grid_x, grid_y;
-};
 
 // scale: packs of kWidth columns over gridDim.x blocks of kThreads, rows over gridDim.y.
 inline Geometry scale_geometry(int64_t rows, int64_t packs) {
   return {std::min(ceil_div(packs, kThreads), kMaxBlocks), std::min(rows, kMaxBlocks)};
-}
-
-// Column sums: column tiles of kColTile over gridDim.x, row groups over gridDim.y.
-struct ColumnGeometry {
-  int64_t group_rows, groups, col_tiles;
-  Geometry grid;
-};
-
-inline ColumnGeometry column_geometry(int64_t M, int64_t cols) {
-  ColumnGeometry g;
-  g.group_rows = ia3_group_rows(M);
-  g.groups = ceil_div(M, g.group_rows);
-  g.col_tiles = ceil_div(cols, kColTile);
-  g.grid = {std::min(g.col_tiles, kMaxBlocks), std::min(g.groups, kMaxBlocks)};
-  return g;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -143,7 +90,7 @@ struct InputGradOp {
   const T* scale;
   T* dx;
 
-  DELTAKERN_HD float column_scale(int64_t k) const { return to_float(scale[k]); }
+  DELTAKERN_HD float column(int64_t k) const { return to_float(scale[k]); }
 
   DELTAKERN_HD float operator()(int64_t i, float s_k) const {
     const float gi = g[i];
@@ -162,7 +109,7 @@ struct OutputGradOp {
   const T* scale;
   T* scaled_grad;
 
-  DELTAKERN_HD float column_scale(int64_t n) const {
+  DELTAKERN_HD float column(int64_t n) const {
     return scaled_grad != nullptr ? to_float(scale[n]) : 0.f;
   }
 
@@ -172,36 +119,6 @@ struct OutputGradOp {
     return dy * to_float(z[i]);
   }
 };
-
-// partial[g, j] = Σ op(m * cols + j, op.column_scale(j)) over the rows m of group g (see the
-// file comment); sums is the block's shared [kRowLanes][kColTile + 1] buffer.
-template <typename Sync, typename Op>
-DELTAKERN_HD void column_sum_body(const Lane& l, const Sync& sync, float (*sums)[kColTile + 1],
-                                  const Op& op, float* partial, int64_t M, int64_t cols,
-                                  int64_t group_rows, int64_t groups, int64_t col_tiles) {
-  const int tx = l.tid % kColTile;
-  const int ty = l.tid / kColTile;
-  // Block-uniform bounds: every thread reaches the syncs.
-  for (int64_t tile = l.block_x; tile < col_tiles; tile += l.grid_x) {
-    const int64_t j = tile * kColTile + tx;
-    const float s_j = j < cols ? op.column_scale(j) : 0.f;
-    for (int64_t g = l.block_y; g < groups; g += l.grid_y) {
-      const int64_t row_end = min64(M, (g + 1) * group_rows);
-      float acc = 0.f;
-      if (j < cols) {
-        for (int64_t m = g * group_rows + ty; m < row_end; m += kRowLanes) acc += op(m * cols + j, s_j);
-      }
-      sync.block();  // the previous group's readers of sums are done
-      sums[ty][tx] = acc;
-      sync.block();
-      if (ty == 0 && j < cols) {
-        float total = 0.f;
-        for (int k = 0; k < kRowLanes; ++k) total += sums[k][tx];
-        partial[g * cols + j] = total;
-      }
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------------
 // Kernels.
@@ -214,18 +131,6 @@ __global__ void __launch_bounds__(kThreads)
   scale_body<T, kWidth, kPerColumn>(this_lane(), src, scale, dst, rows, packs);
 #endif
 }
-
-template <typename Op>
-__global__ void __launch_bounds__(kThreads)
-    ia3_column_sum_kernel(Op op, float* __restrict__ partial, int64_t M, int64_t cols,
-                          int64_t group_rows, int64_t groups, int64_t col_tiles) {
-#if defined(__CUDA_ARCH__)
-  __shared__ float sums[kRowLanes][kColTile + 1];
-  column_sum_body(this_lane(), DeviceSync{}, sums, op, partial, M, cols, group_rows, groups, col_tiles);
-#endif
-}
-
-dim3 to_dim3(const Geometry& g) { return dim3(static_cast<unsigned>(g.grid_x), static_cast<unsigned>(g.grid_y)); }
 
 template <typename T>
 bool pack_aligned(const void* ptr) {
@@ -245,25 +150,6 @@ cudaError_t launch_scale(const Ia3ScaleParams& p, cudaStream_t stream) {
     ia3_scale_kernel<T, kWidth, false><<<grid, kThreads, 0, stream>>>(src, scale, dst, p.rows, packs);
   }
   return cudaGetLastError();
-}
-
-template <typename Op>
-cudaError_t launch_column_sum(const Op& op, float* partial, int64_t M, int64_t cols, cudaStream_t stream) {
-  const ColumnGeometry g = column_geometry(M, cols);
-  ia3_column_sum_kernel<<<to_dim3(g.grid), kThreads, 0, stream>>>(op, partial, M, cols, g.group_rows, g.groups,
-                                                                  g.col_tiles);
-  return cudaGetLastError();
-}
-
-// Calls f(T{}) with the storage type of dtype.
-template <typename F>
-cudaError_t with_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace

@@ -10,24 +10,13 @@
 #include <cstdint>
 
 #include "deltakern/ia3_params.h"
+#include "row_groups.h"
 
 namespace deltakern {
 
-// The row groups of the scale gradient (Ia3InputGradParams, Ia3OutputGradParams): consecutive
-// runs of ia3_group_rows(M) rows, ia3_row_groups(M) of them, at most 256 (adapter's rule); the
-// caller allocates partial as [ia3_row_groups(M), columns] fp32 and sums it over the groups.
-constexpr int64_t kIa3MinGroupRows = 64;
-constexpr int64_t kIa3MaxRowGroups = 256;
-
-inline int64_t ia3_group_rows(int64_t M) {
-  const int64_t rows = (M + kIa3MaxRowGroups - 1) / kIa3MaxRowGroups;
-  return rows > kIa3MinGroupRows ? rows : kIa3MinGroupRows;
-}
-
-inline int64_t ia3_row_groups(int64_t M) {
-  const int64_t rows = ia3_group_rows(M);
-  return (M + rows - 1) / rows;
-}
+// The scale gradient (Ia3InputGradParams, Ia3OutputGradParams) uses the row groups of
+// row_groups.h: the caller allocates partial as [column_sum_row_groups(M), columns] fp32 and
+// sums it over the groups.
 
 // dst = src scaled per column or per row; see Ia3ScaleParams. Four elements per access when
 // cols % 4 == 0 and the pointers are 4-element aligned, one otherwise.

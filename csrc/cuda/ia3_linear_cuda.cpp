@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> ia3_linear_bwd_cuda(const at::Tensor& grad_ou
   check_cuda_tensor(unscaled, grad_out, kOp, "unscaled", "grad_out");
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad_out.device().index());
-  at::Tensor partial = at::empty({ia3_row_groups(M), unscaled_cols}, grad_out.options().dtype(at::kFloat));
+  at::Tensor partial = at::empty({column_sum_row_groups(M), unscaled_cols}, grad_out.options().dtype(at::kFloat));
   at::Tensor dx;
 
   if (scale_input) {

@@ -74,6 +74,26 @@ def test_ia3_linear_by_hand():
         IA3Linear(torch.nn.Embedding(3, 4), feedforward=False)
 
 
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_fp32_vector_on_a_bf16_layer(feedforward):
+    """A bf16 layer with an fp32 vector (mixed-precision training) keeps bf16 outputs, close to
+    PEFT's product in the vector's dtype, and the vector's gradient stays fp32."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    base = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    layer = IA3Linear(base, feedforward=feedforward)
+    layer.ia3_l = torch.nn.Parameter(1.0 + 0.5 * torch.randn(layer.ia3_l.shape[0]))
+    y = layer(x)
+    l32 = layer.ia3_l.detach()
+    expected = (base((x.float() * l32).to(torch.bfloat16)) if feedforward
+                else (base(x).float() * l32).to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    # The vector is rounded to bf16 for the op: a few bf16 ulps of the output's magnitude.
+    torch.testing.assert_close(y.float(), expected.float(), atol=4 * 2.0**-8 * expected.abs().max().item(), rtol=0)
+    y.float().square().sum().backward()
+    assert layer.ia3_l.grad.dtype == torch.float32 and layer.ia3_l.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_add_ia3_matches_peft(family):
     """PEFT's default targets for the model type: same layers, same feedforward layers, same

@@ -39,7 +39,7 @@ struct AdapterActivationParams {
 //   a_s[m, j]  = scale · act(pre[m, j])
 //   dpre[m, j] = scale · dz[m, j] · act'(pre[m, j])
 //   partial[g, j] = Σ dpre[m, j] (unrounded) over the rows m of row group g (fp32, [groups, r]),
-// with the row groups of adapter_row_groups(M); db_down is the sum of partial over g. For
+// with the row groups of column_sum_row_groups(M); db_down is the sum of partial over g. For
 // fp32, dz may be dpre itself (updated in place).
 struct AdapterDpreParams {
   const void* pre;

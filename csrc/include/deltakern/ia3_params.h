@@ -29,8 +29,8 @@ struct Ia3ScaleParams {
 // in fp32 for every dtype (so g is never rounded to fp16/bf16):
 //   dx[m, k]      = g[m, k] · scale[k]
 //   partial[j, k] = Σ g[m, k] · x[m, k] over the rows m of row group j (fp32, [groups, K]),
-// with the row groups of ia3_row_groups(M); dscale is the sum of partial over j. For fp32, dx
-// may be g itself (updated in place).
+// with the row groups of column_sum_row_groups(M); dscale is the sum of partial over j. For
+// fp32, dx may be g itself (updated in place).
 struct Ia3InputGradParams {
   const float* g;
   const void* x;
