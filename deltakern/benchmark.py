@@ -120,6 +120,29 @@ def time_interleaved(timed: dict[str, Timed], *, warmup: int = 2, repeats: int =
     return {name: quantiles(values) for name, values in samples.items()}
 
 
+def backward_modes(forward: Callable[[], torch.Tensor], params: list[torch.Tensor], grad_out: torch.Tensor,
+                   mode: str) -> tuple[Callable, Callable | None]:
+    """(timed callable, setup) of an op case for ``mode``: ``fwd`` times ``forward()`` (which
+    builds the graph), ``full`` clears the gradients of ``params`` and times forward and
+    backward of ``grad_out``, ``bwd`` times the backward only, of an output its setup makes."""
+    def clear():
+        for p in params:
+            p.grad = None
+
+    if mode == "fwd":
+        return forward, None
+    if mode == "full":
+        return (lambda: (clear(), forward().backward(grad_out))), None
+    if mode != "bwd":
+        raise ValueError(f"unknown mode {mode!r}; expected fwd, bwd or full")
+
+    def setup():
+        clear()
+        return forward()
+
+    return (lambda out: out.backward(grad_out)), setup
+
+
 def saved_tensors_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of the unique storages autograd saves while ``fn()`` runs, minus those of ``exclude``.
 
@@ -519,23 +542,7 @@ class LoraCase:
         return {"out": out.detach(), **{f"d{i}": leaves[id(p)].grad for i, p in enumerate(params)}}
 
     def run_mode(self, provider: str, fn: Callable, mode: str) -> tuple[Callable, Callable | None]:
-        """(timed callable, setup) for ``mode``: fwd builds the graph, bwd runs backward only."""
-        params = self.params(provider)
-
-        def clear():
-            for p in params:
-                p.grad = None
-
-        if mode == "fwd":
-            return (lambda: fn(self.x)), None
-        if mode == "full":
-            return (lambda: (clear(), fn(self.x).backward(self.grad_out))), None
-
-        def setup():
-            clear()
-            return fn(self.x)
-
-        return (lambda out: out.backward(self.grad_out)), setup
+        return backward_modes(lambda: fn(self.x), self.params(provider), self.grad_out, mode)
 
     def saved_bytes(self, fn: Callable) -> int:
         return saved_tensors_bytes(lambda: fn(self.x), exclude=(self.weight, self.bias, self.lora_A, self.lora_B))
@@ -648,23 +655,7 @@ class Ia3Case:
         return check_close(results, expected, atol, rtol)
 
     def run_mode(self, provider: str, fn: Callable, mode: str) -> tuple[Callable, Callable | None]:
-        """(timed callable, setup) for ``mode``: fwd builds the graph, bwd runs backward only."""
-        params = self.params(provider)
-
-        def clear():
-            for p in params:
-                p.grad = None
-
-        if mode == "fwd":
-            return (lambda: fn(self.x, self.scale)), None
-        if mode == "full":
-            return (lambda: (clear(), fn(self.x, self.scale).backward(self.grad_out))), None
-
-        def setup():
-            clear()
-            return fn(self.x, self.scale)
-
-        return (lambda out: out.backward(self.grad_out)), setup
+        return backward_modes(lambda: fn(self.x, self.scale), self.params(provider), self.grad_out, mode)
 
     def saved_bytes(self, fn: Callable) -> int:
         return saved_tensors_bytes(lambda: fn(self.x, self.scale), exclude=(self.weight, self.bias, self.scale))
@@ -787,22 +778,7 @@ class PrefixCase:
         return check_close(results, expected, atol, rtol)
 
     def run_mode(self, provider: str, fn: Callable, mode: str) -> tuple[Callable, Callable | None]:
-        params = self.params(provider)
-
-        def clear():
-            for t in params:
-                t.grad = None
-
-        if mode == "fwd":
-            return (lambda: fn(*self.inputs())), None
-        if mode == "full":
-            return (lambda: (clear(), fn(*self.inputs()).backward(self.grad_out))), None
-
-        def setup():
-            clear()
-            return fn(*self.inputs())
-
-        return (lambda out: out.backward(self.grad_out)), setup
+        return backward_modes(lambda: fn(*self.inputs()), self.params(provider), self.grad_out, mode)
 
     def saved_bytes(self, fn: Callable) -> int:
         return saved_tensors_bytes(lambda: fn(*self.inputs()), exclude=(self.prefix_k, self.prefix_v))
@@ -910,22 +886,7 @@ class AdapterCase:
         return check_close(results, expected, atol, rtol)
 
     def run_mode(self, provider: str, fn: Callable, mode: str) -> tuple[Callable, Callable | None]:
-        params = self.inputs()
-
-        def clear():
-            for t in params:
-                t.grad = None
-
-        if mode == "fwd":
-            return (lambda: fn(*params)), None
-        if mode == "full":
-            return (lambda: (clear(), fn(*params).backward(self.grad_out))), None
-
-        def setup():
-            clear()
-            return fn(*params)
-
-        return (lambda out: out.backward(self.grad_out)), setup
+        return backward_modes(lambda: fn(*self.inputs()), self.inputs(), self.grad_out, mode)
 
     def saved_bytes(self, fn: Callable) -> int:
         return saved_tensors_bytes(lambda: fn(*self.inputs()), exclude=self.inputs()[1:])

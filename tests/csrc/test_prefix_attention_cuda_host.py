@@ -28,9 +28,6 @@ layout, register pressure, launch configuration and the > 48 KB shared-memory op
 
 import ctypes
 import math
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,40 +35,14 @@ import torch
 
 from deltakern.reference.prefix_attention import prefix_attention as reference_prefix_attention
 from deltakern.reference.prefix_attention import visible_mask
+from tests.csrc.nvcc import DTYPE_CODE, NVCC, build_harness
 from tests.ops.test_prefix_attention import CASES, GRADS, Case, make_inputs, run
 from tests.tolerances import assert_close
 
-REPO = Path(__file__).resolve().parents[2]
 HARNESS = Path(__file__).resolve().with_name("prefix_attention_cuda_host.cu")
 
-
-def find_nvcc() -> str | None:
-    """$CUDA_HOME/bin/nvcc, else /usr/local/cuda/bin/nvcc, else nvcc on PATH."""
-    candidates = []
-    if os.environ.get("CUDA_HOME"):
-        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
-    candidates.append("/usr/local/cuda/bin/nvcc")
-    for path in candidates:
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return shutil.which("nvcc")
-
-
-NVCC = find_nvcc()
 if NVCC is None:
     pytest.skip("nvcc not found", allow_module_level=True)
-
-# torch.utils.cpp_extension.COMMON_NVCC_FLAGS (what the real build passes), and one device arch:
-# the device code is compiled but never run here.
-NVCC_FLAGS = [
-    "-O2", "-std=c++20", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-pthread",
-    "-gencode", "arch=compute_80,code=sm_80",
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-    "--expt-relaxed-constexpr",
-]  # fmt: skip
-
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # deltakern::DType
 
 # Return codes of the harness's entry points.
 RC_MEANING = {1: "the problem was rejected (valid_problem)", 2: "a block wrote past its dynamic shared memory"}
@@ -83,11 +54,7 @@ _PROBLEM = [_PTR] * 6 + [_I64] * 7 + [_INT, _INT, ctypes.c_float, _INT]
 @pytest.fixture(scope="session")
 def lib(tmp_path_factory):
     so = tmp_path_factory.mktemp("prefix_attention_cuda_host") / "prefix_attention_cuda_host.so"
-    cmd = [NVCC, *NVCC_FLAGS, f"-I{REPO / 'csrc' / 'include'}", f"-I{REPO / 'csrc' / 'cuda'}", str(HARNESS), "-o", str(so)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"nvcc failed ({' '.join(cmd)}):\n{result.stdout}\n{result.stderr}")
-    lib = ctypes.CDLL(str(so))
+    lib = ctypes.CDLL(str(build_harness(HARNESS, so)))
     lib.dk_pa_host_fwd.argtypes = [*_PROBLEM, _PTR, _PTR, _I64]
     lib.dk_pa_host_fwd.restype = _INT
     lib.dk_pa_host_bwd.argtypes = [*_PROBLEM] + [_PTR] * 9 + [_I64]
