@@ -8,6 +8,8 @@ eager error happens to be ~0.
 
 import torch
 
+import deltakern
+
 # (atol, rtol) against the fp64 reference.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-9),
@@ -35,3 +37,23 @@ def assert_close(actual: torch.Tensor, expected64: torch.Tensor, eager_lowp: tor
     scale = max(expected64.abs().max().item(), 1.0)
     bound = LOWP_FACTOR * eager_err + LOWP_FLOOR[dtype] * scale
     assert err <= bound, f"{name}: {dtype} error {err:.3g} > {LOWP_FACTOR} x eager error {eager_err:.3g} + floor ({bound:.3g})"
+
+
+def assert_backend_matches_reference(backend: str, op, reference, run, inputs: dict, dtype: torch.dtype, *args) -> None:
+    """``run(op, inputs, dtype, *args)`` under ``backend`` against ``run(reference, ...)`` in fp64
+    (and in ``dtype``, eager's error for the low-precision bound): the output and every gradient
+    ``run`` returns (a dict by input name), each in ``dtype``."""
+    import deltakern
+
+    with deltakern.use_backend(backend):
+        out, grads = run(op, inputs, dtype, *args)
+    ref_out, ref_grads = run(reference, inputs, torch.float64, *args)
+    eager_out, eager_grads = None, {}
+    if dtype not in TOLERANCES:
+        eager_out, eager_grads = run(reference, inputs, dtype, *args)
+    assert out.dtype == dtype
+    assert_close(out, ref_out, eager_out, name=f"{backend} out")
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == dtype
+        assert_close(grads[name], ref_grads[name], eager_grads.get(name), name=f"{backend} d{name}")

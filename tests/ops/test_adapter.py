@@ -12,7 +12,7 @@ from deltakern.benchmark import saved_tensors_bytes
 from deltakern.reference.adapter import ACTIVATIONS
 from deltakern.reference.adapter import adapter as reference_adapter
 from tests.compile_check import assert_compiled_step_matches_eager
-from tests.tolerances import assert_close
+from tests.tolerances import assert_backend_matches_reference
 
 M_SIZES = (1, 7, 129)
 D_SIZES = (13, 96, 257)
@@ -55,18 +55,7 @@ def run(fn, inputs, dtype, activation, scaling=0.7):
 
 
 def check(backend, inputs, dtype, activation):
-    with deltakern.use_backend(backend):
-        out, grads = run(deltakern.adapter, inputs, dtype, activation)
-    ref_out, ref_grads = run(reference_adapter, inputs, torch.float64, activation)
-    eager_out, eager_grads = None, {}
-    if dtype not in (torch.float32, torch.float64):
-        eager_out, eager_grads = run(reference_adapter, inputs, dtype, activation)
-    assert out.dtype == dtype
-    assert_close(out, ref_out, eager_out, name=f"{backend} out")
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        assert grads[name].dtype == dtype
-        assert_close(grads[name], ref_grads[name], eager_grads.get(name), name=f"{backend} d{name}")
+    assert_backend_matches_reference(backend, deltakern.adapter, reference_adapter, run, inputs, dtype, activation)
 
 
 def shape_id(shape):

@@ -11,7 +11,7 @@ import deltakern
 from deltakern.benchmark import saved_tensors_bytes
 from deltakern.reference.ia3_linear import ia3_linear as reference_ia3_linear
 from tests.compile_check import assert_compiled_step_matches_eager
-from tests.tolerances import assert_close
+from tests.tolerances import assert_backend_matches_reference
 
 M_SIZES = (1, 7, 129)
 K_SIZES = (1, 13, 96)
@@ -50,18 +50,8 @@ def run(fn, inputs, dtype, scale_input, frozen=()):
 
 
 def check(backend, inputs, dtype, scale_input, frozen=()):
-    with deltakern.use_backend(backend):
-        out, grads = run(deltakern.ia3_linear, inputs, dtype, scale_input, frozen)
-    ref_out, ref_grads = run(reference_ia3_linear, inputs, torch.float64, scale_input, frozen)
-    eager_out, eager_grads = None, {}
-    if dtype not in (torch.float32, torch.float64):
-        eager_out, eager_grads = run(reference_ia3_linear, inputs, dtype, scale_input, frozen)
-    assert out.dtype == dtype
-    assert_close(out, ref_out, eager_out, name=f"{backend} out")
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        assert grads[name].dtype == dtype
-        assert_close(grads[name], ref_grads[name], eager_grads.get(name), name=f"{backend} d{name}")
+    assert_backend_matches_reference(backend, deltakern.ia3_linear, reference_ia3_linear, run, inputs, dtype,
+                                     scale_input, frozen)
 
 
 def shape_id(shape):
