@@ -317,6 +317,14 @@ at::Tensor sum_partials(const std::vector<double>& partial, int64_t tasks, int64
 // C per call).
 void block_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                 float* C, int64_t ldc, bool accumulate) {
+  // oneDNN cannot set up a microkernel for an empty extent (std::bad_alloc at d = 0).
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+    }
+    return;
+  }
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
 }
 

@@ -171,8 +171,9 @@ def adapter(
     if backend == "reference":
         return reference.adapter(h, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual)
     d = h.shape[-1]
-    h2d = h.reshape(-1, d).contiguous()
-    residual2d = None if residual is None else residual.reshape(-1, d).contiguous()
+    rows = h.shape[:-1].numel()  # not -1, which is ambiguous when d = 0
+    h2d = h.reshape(rows, d).contiguous()
+    residual2d = None if residual is None else residual.reshape(rows, d).contiguous()
     b_down, b_up = (None if b is None else b.contiguous() for b in (b_down, b_up))
     out2d, _ = _FWD_OPS[backend](h2d, w_down.contiguous(), b_down, w_up.contiguous(), b_up, residual2d,
                                  ACTIVATIONS.index(activation), scaling)

@@ -170,7 +170,7 @@ def lora_linear(
     dropout_p = check_probability(_OP, "dropout_p", dropout_p)
     backend = select_backend(_OP, x.device.type)
     check_backend_dtype(_OP, backend, x.dtype)
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # -1 is ambiguous when in = 0
     if seed is not None:
         check_seed(_OP, seed)
     if backend == "reference":

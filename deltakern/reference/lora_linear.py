@@ -31,7 +31,7 @@ def lora_linear(
     weight ``[out, in]``, bias ``[out]`` or None, lora_A ``[r, in]``, lora_B ``[out, r]``.
     The dropout mask is that of every deltakern backend for the same ``seed``.
     """
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # -1 is ambiguous when in = 0
     x_dropped = dropout(x2d, dropout_p, seed)
     out = F.linear(x2d, weight, bias) + scaling * F.linear(F.linear(x_dropped, lora_A), lora_B)
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -37,7 +37,7 @@ def make_inputs(m, d, r, residual="h", bias=True, leading=(), seed=0):
     shape = (*leading, m, d)
     return {
         "h": torch.randn(shape, generator=g, dtype=f),
-        "w_down": torch.randn(r, d, generator=g, dtype=f) / math.sqrt(d),
+        "w_down": torch.randn(r, d, generator=g, dtype=f) / math.sqrt(max(d, 1)),
         "b_down": torch.randn(r, generator=g, dtype=f) if bias else None,
         "w_up": torch.randn(d, r, generator=g, dtype=f) / math.sqrt(r),
         "b_up": torch.randn(d, generator=g, dtype=f) if bias else None,
@@ -84,6 +84,14 @@ def test_triton_fp32_matches_reference(m, d, r, activation, residual, poison_uni
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_without_biases_and_3d_input(backend, poison_uninitialized):
     check(backend, make_inputs(7, 96, 8, residual="separate", bias=False, leading=(3,)), torch.float32, "gelu")
+
+
+@pytest.mark.parametrize("shape", [(0, 13, 4), (7, 0, 4)], ids=shape_id)
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_empty_extents(backend, shape, poison_uninitialized):
+    """No rows: empty output and zero weight gradients. d = 0: empty output and weight
+    gradients, and the bottleneck's bias gradient zero (nothing flows into it)."""
+    check(backend, make_inputs(*shape, residual="separate", leading=(2,)), torch.float32, "gelu")
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -8,7 +8,7 @@ import torch
 
 import deltakern
 from deltakern.reference.lora_linear import lora_linear as reference_lora_linear
-from tests.tolerances import assert_close
+from tests.tolerances import assert_backend_matches_reference
 
 M_SIZES = (1, 7, 129)
 FEATURES = (1, 13, 96, 257)
@@ -32,9 +32,9 @@ def make_inputs(shape_x, n, r, bias=True, seed=0):
     d = torch.float64
     return {
         "x": torch.randn(shape_x, generator=g, dtype=d),
-        "weight": torch.randn(n, k, generator=g, dtype=d) / math.sqrt(k),
+        "weight": torch.randn(n, k, generator=g, dtype=d) / math.sqrt(max(k, 1)),
         "bias": torch.randn(n, generator=g, dtype=d) if bias else None,
-        "lora_A": torch.randn(r, k, generator=g, dtype=d) / math.sqrt(k),
+        "lora_A": torch.randn(r, k, generator=g, dtype=d) / math.sqrt(max(k, 1)),
         "lora_B": torch.randn(n, r, generator=g, dtype=d) / math.sqrt(r),
         "grad_out": torch.randn(*shape_x[:-1], n, generator=g, dtype=d),
     }
@@ -50,22 +50,9 @@ def run(fn, inputs, dtype, scaling, dropout_p, grad_names=("x", "lora_A", "lora_
     return out.detach(), {name: t[name].grad for name in grad_names}
 
 
-def run_backend(backend, *args, **kwargs):
-    with deltakern.use_backend(backend):
-        return run(deltakern.lora_linear, *args, **kwargs)
-
-
 def check_against_reference(backend, inputs, dtype, dropout_p, scaling=0.75, grad_names=("x", "lora_A", "lora_B")):
-    out, grads = run_backend(backend, inputs, dtype, scaling, dropout_p, grad_names)
-    ref_out, ref_grads = run(reference_lora_linear, inputs, torch.float64, scaling, dropout_p, grad_names)
-    eager_out, eager_grads = (None, {})
-    if dtype not in (torch.float32, torch.float64):
-        eager_out, eager_grads = run(reference_lora_linear, inputs, dtype, scaling, dropout_p, grad_names)
-    assert out.dtype == dtype
-    assert_close(out, ref_out, eager_out, name=f"{backend} out")
-    for name in grad_names:
-        assert grads[name].dtype == dtype
-        assert_close(grads[name], ref_grads[name], eager_grads.get(name), name=f"{backend} d{name}")
+    assert_backend_matches_reference(backend, deltakern.lora_linear, reference_lora_linear, run, inputs, dtype,
+                                     scaling, dropout_p, grad_names)
 
 
 def shape_id(shape):
@@ -79,6 +66,15 @@ def shape_id(shape):
 def test_fp32_matches_reference(backend, shape, bias, dropout_p, poison_uninitialized):
     m, k, n, r = shape
     check_against_reference(backend, make_inputs((m, k), n, r, bias), torch.float32, dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", DROPOUTS)
+@pytest.mark.parametrize("shape", [(0, 13, 5, 4), (7, 0, 5, 4), (7, 13, 0, 4)], ids=shape_id)
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_empty_extents(backend, shape, dropout_p, poison_uninitialized):
+    """A 3-D x with no rows, no input features (the output is the bias) or no output features."""
+    m, k, n, r = shape
+    check_against_reference(backend, make_inputs((2, m, k), n, r), torch.float32, dropout_p)
 
 
 @pytest.mark.parametrize("dropout_p", DROPOUTS)
