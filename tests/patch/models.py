@@ -92,3 +92,17 @@ def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """fp32 gradients summed in another order: T5's unscaled attention gives delta gradients up to
     ~100, so the absolute tolerance scales with the tensor's largest entry (1e-5 of it)."""
     torch.testing.assert_close(actual, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+
+
+def named_layers(model: torch.nn.Module, layer_type: type | tuple[type, ...]) -> dict[str, torch.nn.Module]:
+    """{qualified name: module} of the modules of ``model`` that are ``layer_type`` (or one of them)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, layer_type)}
+
+
+def draw_normal(model: torch.nn.Module, name_part: str, mean: float = 0.0, std: float = 1.0) -> None:
+    """Redraws, from torch's generator, every parameter whose name contains ``name_part`` (e.g.
+    ``lora_B``, zero at initialisation, so that the delta shows in the outputs)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name_part in name:
+                p.normal_(mean, std)

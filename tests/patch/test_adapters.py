@@ -24,7 +24,7 @@ WRAPPERS = (SequentialAdapter, ParallelAdapter, PostNormParallelAdapter)
 
 
 def wrappers(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, WRAPPERS)}
+    return models.named_layers(model, WRAPPERS)
 
 
 def expected_targets(model, placement):

@@ -18,10 +18,7 @@ def lora_llama():
     model = models.build("llama", seed=0)
     torch.manual_seed(1)
     deltakern.add_lora(model, r=4, alpha=8)
-    with torch.no_grad():  # B = 0 at init; start from a non-trivial LoRA
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    models.draw_normal(model, "lora_B", std=0.1)  # B = 0 at init; start from a non-trivial LoRA
     return model.train()
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import deltakern
 from deltakern.nn import IA3Linear
 
-from .models import VOCAB, assert_grad_close, build, logits
+from .models import VOCAB, assert_grad_close, build, draw_normal, logits, named_layers
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 FAMILIES = ("llama", "gpt2", "bert", "t5")
@@ -22,10 +22,7 @@ def peft_ia3(family, config=None, seed=0):
     random vectors around 1 (not ones, so every scale matters)."""
     model = get_peft_model(build(family, seed), config or IA3Config())
     torch.manual_seed(123)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name:
-                p.normal_(1.0, 0.5)
+    draw_normal(model, "ia3_l", 1.0, 0.5)
     return model
 
 
@@ -33,11 +30,11 @@ def peft_layers(peft_model):
     """{qualified name relative to the base model: PEFT IA3 layer}."""
     from peft.tuners.ia3 import IA3Layer
 
-    return {n: m for n, m in peft_model.get_base_model().named_modules() if isinstance(m, IA3Layer)}
+    return named_layers(peft_model.get_base_model(), IA3Layer)
 
 
 def ours_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+    return named_layers(model, IA3Linear)
 
 
 def ours_like(family, peft_model, seed=0, **kwargs):

@@ -10,7 +10,7 @@ import deltakern
 from deltakern.nn import LoRALinear
 from deltakern.patch import lora as lora_method
 
-from .models import FAMILIES, assert_grad_close, build, logits
+from .models import FAMILIES, assert_grad_close, build, draw_normal, logits, named_layers
 
 R, ALPHA = 4, 8
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -21,10 +21,7 @@ def peft_lora(family, target_modules="all-linear", use_rslora=False, seed=0):
     model = get_peft_model(build(family, seed), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
                                                            target_modules=target_modules, use_rslora=use_rslora))
     torch.manual_seed(123)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    draw_normal(model, "lora_B", 0.0, 0.5)
     return model
 
 
@@ -32,7 +29,7 @@ def peft_layers(peft_model):
     """{qualified name relative to the base model: PEFT lora layer}."""
     from peft.tuners.lora import LoraLayer
 
-    return {n: m for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    return named_layers(peft_model.get_base_model(), LoraLayer)
 
 
 def ours_like(family, peft_model, target_modules="all-linear", use_rslora=False, seed=0):
@@ -48,7 +45,7 @@ def ours_like(family, peft_model, target_modules="all-linear", use_rslora=False,
 
 
 def ours_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return named_layers(model, LoRALinear)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

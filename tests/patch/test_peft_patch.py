@@ -8,7 +8,7 @@ import deltakern
 from deltakern.ops.lora_linear import lora_linear
 from deltakern.patch import peft_patch
 
-from .models import FAMILIES, build, inputs
+from .models import FAMILIES, build, draw_normal, inputs
 from .test_lora import R, ALPHA, TOL, assert_grad_close, peft_layers, peft_lora
 
 
@@ -59,10 +59,7 @@ def test_patch_keeps_outputs_and_gradients(family, calls):
 
 def _with_second_adapter(model, target_modules="all-linear"):
     model.add_adapter("other", LoraConfig(r=R, lora_alpha=ALPHA, target_modules=target_modules))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B.other" in name:
-                p.normal_(0, 0.5)
+    draw_normal(model, "lora_B.other", 0.0, 0.5)
     return model
 
 
@@ -155,10 +152,7 @@ def test_dropout():
     """lora_dropout p > 0: eval outputs equal PEFT's; in training the patched layer computes
     lora_linear with p and the seed drawn from torch's generator (masks are deltakern's)."""
     model = get_peft_model(build("llama"), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.3, target_modules=["v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    draw_normal(model, "lora_B", 0.0, 0.5)
     model.eval()
     expected = model(**inputs("llama")).logits
     deltakern.patch(model)
