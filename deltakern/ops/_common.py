@@ -1,10 +1,14 @@
-"""Input checks and seeds shared by the ops: every error names the op and the argument."""
+"""Input checks, seeds and custom-op registration shared by the ops: every error names the op and
+the argument."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+
+from .. import _native
 
 # Dtypes each backend computes in (DESIGN.md, "Op contracts"); reference takes any float dtype.
 BACKEND_DTYPES = {
@@ -64,3 +68,21 @@ def check_seed(op: str, seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"deltakern.{op}: seed must be an int in [0, 2**63) or None, got {seed!r}")
     return seed
+
+
+def register_backends(op: str, triton_fwd, triton_bwd, fwd_fake: Callable, bwd_fake: Callable,
+                      make_backward: Callable, setup_context: Callable) -> dict:
+    """Fake kernels (so torch.compile traces them) and the autograd formula of the custom-op pairs
+    ``deltakern::{op}_fwd_triton`` / ``_bwd_triton`` and, when the extension has its kernels,
+    ``deltakern::{op}_fwd`` / ``_bwd``; ``make_backward(bwd_op)`` is the forward's backward calling
+    ``bwd_op``. Returns the forward op of each backend but the reference."""
+    fwd_ops = {"triton": triton_fwd}
+    pairs = [(f"deltakern::{op}_fwd_triton", f"deltakern::{op}_bwd_triton", triton_bwd)]
+    if _native.has_cpu_kernels():
+        fwd_ops["cpu"] = fwd_ops["cuda"] = getattr(torch.ops.deltakern, f"{op}_fwd").default
+        pairs.append((f"deltakern::{op}_fwd", f"deltakern::{op}_bwd", getattr(torch.ops.deltakern, f"{op}_bwd").default))
+    for fwd_name, bwd_name, bwd_op in pairs:
+        torch.library.register_fake(fwd_name)(fwd_fake)
+        torch.library.register_fake(bwd_name)(bwd_fake)
+        torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
+    return fwd_ops

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
 from ..backend import select_backend
 from ..reference import ia3_linear as reference
-from ._common import check_backend_dtype, check_same, check_tensor
+from ._common import check_backend_dtype, check_same, check_tensor, register_backends
 
 _OP = "ia3_linear"
 
@@ -93,18 +92,7 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(fwd_name: str, bwd_name: str, bwd_op) -> None:
-    torch.library.register_fake(fwd_name)(_fwd_fake)
-    torch.library.register_fake(bwd_name)(_bwd_fake)
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op), setup_context=_setup_context)
-
-
-_FWD_OPS = {"triton": _triton_fwd}
-_register("deltakern::ia3_linear_fwd_triton", "deltakern::ia3_linear_bwd_triton", _triton_bwd)
-
-if _native.has_cpu_kernels():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = torch.ops.deltakern.ia3_linear_fwd.default
-    _register("deltakern::ia3_linear_fwd", "deltakern::ia3_linear_bwd", torch.ops.deltakern.ia3_linear_bwd.default)
+_FWD_OPS = register_backends(_OP, _triton_fwd, _triton_bwd, _fwd_fake, _bwd_fake, _make_backward, _setup_context)
 
 
 def _check_inputs(x, weight, bias, scale, scale_input) -> None:

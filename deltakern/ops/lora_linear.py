@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
 from ..backend import select_backend
 from ..reference import lora_linear as reference
 from ._common import (
@@ -22,6 +21,7 @@ from ._common import (
     check_seed,
     check_tensor,
     draw_seed,
+    register_backends,
 )
 
 _OP = "lora_linear"
@@ -87,22 +87,7 @@ def _make_backward(bwd_op):
     return backward
 
 
-_FWD_OPS = {"triton": _triton_fwd}
-torch.library.register_fake("deltakern::lora_linear_fwd_triton")(_fwd_fake)
-torch.library.register_fake("deltakern::lora_linear_bwd_triton")(_bwd_fake)
-torch.library.register_autograd(
-    "deltakern::lora_linear_fwd_triton", _make_backward(_triton_bwd), setup_context=_setup_context
-)
-
-if _native.has_cpu_kernels():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = torch.ops.deltakern.lora_linear_fwd.default
-    torch.library.register_fake("deltakern::lora_linear_fwd")(_fwd_fake)
-    torch.library.register_fake("deltakern::lora_linear_bwd")(_bwd_fake)
-    torch.library.register_autograd(
-        "deltakern::lora_linear_fwd",
-        _make_backward(torch.ops.deltakern.lora_linear_bwd.default),
-        setup_context=_setup_context,
-    )
+_FWD_OPS = register_backends(_OP, _triton_fwd, _triton_bwd, _fwd_fake, _bwd_fake, _make_backward, _setup_context)
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B) -> None:

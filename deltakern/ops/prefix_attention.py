@@ -13,10 +13,9 @@ import math
 
 import torch
 
-from .. import _native
 from ..backend import select_backend
 from ..reference import prefix_attention as reference
-from ._common import check_backend_dtype, check_finite, check_same, check_tensor
+from ._common import check_backend_dtype, check_finite, check_same, check_tensor, register_backends
 
 _OP = "prefix_attention"
 
@@ -81,19 +80,7 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register(fwd_name: str, bwd_op) -> None:
-    torch.library.register_fake(fwd_name)(_fwd_fake)
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op), setup_context=_setup_context)
-
-
-_FWD_OPS = {"triton": _triton_fwd}
-torch.library.register_fake("deltakern::prefix_attention_bwd_triton")(_bwd_fake)
-_register("deltakern::prefix_attention_fwd_triton", _triton_bwd)
-
-if _native.has_cpu_kernels():
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = torch.ops.deltakern.prefix_attention_fwd.default
-    torch.library.register_fake("deltakern::prefix_attention_bwd")(_bwd_fake)
-    _register("deltakern::prefix_attention_fwd", torch.ops.deltakern.prefix_attention_bwd.default)
+_FWD_OPS = register_backends(_OP, _triton_fwd, _triton_bwd, _fwd_fake, _bwd_fake, _make_backward, _setup_context)
 
 
 def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask) -> None:
