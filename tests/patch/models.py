@@ -7,6 +7,8 @@ of keyword arguments for the model's forward.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -106,3 +108,15 @@ def draw_normal(model: torch.nn.Module, name_part: str, mean: float = 0.0, std: 
         for name, p in model.named_parameters():
             if name_part in name:
                 p.normal_(mean, std)
+
+
+def assert_same_adapter_tensors(ours_dir, peft_dir) -> None:
+    """The adapter_model.safetensors of two checkpoints hold the same keys and, bit for bit, the
+    same tensors."""
+    from safetensors.torch import load_file
+
+    ours = load_file(Path(ours_dir) / "adapter_model.safetensors")
+    theirs = load_file(Path(peft_dir) / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0)

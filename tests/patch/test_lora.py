@@ -10,7 +10,7 @@ import deltakern
 from deltakern.nn import LoRALinear
 from deltakern.patch import lora as lora_method
 
-from .models import FAMILIES, assert_grad_close, build, draw_normal, logits, named_layers
+from .models import FAMILIES, assert_grad_close, assert_same_adapter_tensors, build, draw_normal, logits, named_layers
 
 R, ALPHA = 4, 8
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -147,13 +147,7 @@ def test_deltakern_save_loads_in_peft(family, tmp_path):
             continue
         assert value == peft_config[key], key
     assert set(mine["target_modules"]) == set(peft_config["target_modules"])
-    from safetensors.torch import load_file
-
-    our_state = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    peft_state = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    assert our_state.keys() == peft_state.keys()
-    for key in peft_state:
-        torch.testing.assert_close(our_state[key], peft_state[key], atol=0, rtol=0)
+    assert_same_adapter_tensors(tmp_path / "ours", tmp_path / "peft")
 
 
 def test_other_peft_type_raises(tmp_path):
