@@ -70,6 +70,11 @@ def check_seed(op: str, seed) -> int:
     return seed
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t [..., n]`` as ``[rows, n]`` (a view where the layout allows); not ``reshape(-1, n)``,
+    which is ambiguous when n = 0."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
 def register_backends(op: str, triton_fwd, triton_bwd, fwd_fake: Callable, bwd_fake: Callable,
                       make_backward: Callable, setup_context: Callable) -> dict:
     """Fake kernels (so torch.compile traces them) and the autograd formula of the custom-op pairs

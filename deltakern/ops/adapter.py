@@ -15,7 +15,7 @@ import torch
 from ..backend import select_backend
 from ..reference import adapter as reference
 from ..reference.adapter import ACTIVATIONS
-from ._common import check_backend_dtype, check_finite, check_same, check_tensor, register_backends
+from ._common import as_rows, check_backend_dtype, check_finite, check_same, check_tensor, register_backends
 
 _OP = "adapter"
 
@@ -158,10 +158,8 @@ def adapter(
     check_backend_dtype(_OP, backend, h.dtype)
     if backend == "reference":
         return reference.adapter(h, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual)
-    d = h.shape[-1]
-    rows = h.shape[:-1].numel()  # not -1, which is ambiguous when d = 0
-    h2d = h.reshape(rows, d).contiguous()
-    residual2d = None if residual is None else residual.reshape(rows, d).contiguous()
+    h2d = as_rows(h).contiguous()
+    residual2d = None if residual is None else as_rows(residual).contiguous()
     b_down, b_up = (None if b is None else b.contiguous() for b in (b_down, b_up))
     out2d, _ = _FWD_OPS[backend](h2d, w_down.contiguous(), b_down, w_up.contiguous(), b_up, residual2d,
                                  ACTIVATIONS.index(activation), scaling)

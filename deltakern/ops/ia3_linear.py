@@ -19,7 +19,7 @@ import torch
 
 from ..backend import select_backend
 from ..reference import ia3_linear as reference
-from ._common import check_backend_dtype, check_same, check_tensor, register_backends
+from ._common import as_rows, check_backend_dtype, check_same, check_tensor, register_backends
 
 _OP = "ia3_linear"
 
@@ -156,7 +156,7 @@ def ia3_linear(
     check_backend_dtype(_OP, backend, x.dtype)
     if backend == "reference":
         return reference.ia3_linear(x, weight, bias, scale, scale_input)
-    x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous()  # -1 is ambiguous when in = 0
+    x2d = as_rows(x).contiguous()
     out2d, _ = _FWD_OPS[backend](x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
                                  scale.contiguous(), scale_input)
     return out2d.reshape(*x.shape[:-1], weight.shape[0])

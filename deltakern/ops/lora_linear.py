@@ -14,6 +14,7 @@ import torch
 from ..backend import select_backend
 from ..reference import lora_linear as reference
 from ._common import (
+    as_rows,
     check_backend_dtype,
     check_finite,
     check_probability,
@@ -155,7 +156,7 @@ def lora_linear(
     dropout_p = check_probability(_OP, "dropout_p", dropout_p)
     backend = select_backend(_OP, x.device.type)
     check_backend_dtype(_OP, backend, x.dtype)
-    x2d = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # -1 is ambiguous when in = 0
+    x2d = as_rows(x)
     if seed is not None:
         check_seed(_OP, seed)
     if backend == "reference":
