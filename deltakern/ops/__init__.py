@@ -1,8 +1,11 @@
-"""Autograd ops with backend dispatch, one file per op."""
+"""Autograd ops with backend dispatch, one file per op.
 
-from .adapter import adapter
-from .ia3_linear import ia3_linear
+Imported in the order ``deltakern bench`` runs them (each op registers its ``OpSpec`` on import).
+"""
+
 from .lora_linear import lora_linear
 from .prefix_attention import prefix_attention
+from .adapter import adapter  # noqa: I001
+from .ia3_linear import ia3_linear
 
 __all__ = ["adapter", "ia3_linear", "lora_linear", "prefix_attention"]

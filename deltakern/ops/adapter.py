@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import select_backend
+from ..backend import BACKENDS, select_backend
 from ..reference import adapter as reference
 from ..reference.adapter import ACTIVATIONS
+from ..registry import OpSpec, register_op
 from ._common import as_rows, check_backend_dtype, check_finite, check_same, check_tensor, register_backends
 
 _OP = "adapter"
@@ -87,6 +88,8 @@ def _make_backward(bwd_op):
 
 
 _FWD_OPS = register_backends(_OP, _triton_fwd, _triton_bwd, _fwd_fake, _bwd_fake, _make_backward, _setup_context)
+SPEC = register_op(OpSpec(name=_OP, cli_name="adapter", reference=reference.adapter, backends=BACKENDS,
+                           cuda_tensor_cores="cuBLAS"))
 
 
 def _check_inputs(h, w_down, b_down, w_up, b_up, residual) -> None:

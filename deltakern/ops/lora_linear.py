@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import select_backend
+from ..backend import BACKENDS, select_backend
 from ..reference import lora_linear as reference
+from ..registry import OpSpec, register_op
 from ._common import (
     as_rows,
     check_backend_dtype,
@@ -89,6 +90,8 @@ def _make_backward(bwd_op):
 
 
 _FWD_OPS = register_backends(_OP, _triton_fwd, _triton_bwd, _fwd_fake, _bwd_fake, _make_backward, _setup_context)
+SPEC = register_op(OpSpec(name=_OP, cli_name="lora", reference=reference.lora_linear, backends=BACKENDS,
+                           cuda_tensor_cores="cuBLAS"))
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B) -> None:

@@ -13,8 +13,9 @@ import math
 
 import torch
 
-from ..backend import select_backend
+from ..backend import BACKENDS, select_backend
 from ..reference import prefix_attention as reference
+from ..registry import OpSpec, register_op
 from ._common import check_backend_dtype, check_finite, check_same, check_tensor, register_backends
 
 _OP = "prefix_attention"
@@ -81,6 +82,8 @@ def _make_backward(bwd_op):
 
 
 _FWD_OPS = register_backends(_OP, _triton_fwd, _triton_bwd, _fwd_fake, _bwd_fake, _make_backward, _setup_context)
+SPEC = register_op(OpSpec(name=_OP, cli_name="prefix", reference=reference.prefix_attention, backends=BACKENDS,
+                           cuda_tensor_cores="SIMT"))
 
 
 def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask) -> None:
