@@ -3,7 +3,7 @@
 import torch
 
 from deltakern.backend import availability
-from deltakern.benchmark import peak_bytes
+from deltakern.benchmark.harness import peak_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton on CPU tensors is its interpreter: a correctness tool, not a contender.

@@ -9,19 +9,20 @@ benchmark's extra_info. Speed targets (README) are ratios read from one run, not
 import pytest
 from conftest import BACKENDS, benchmark_provider, provider_cases
 
-from deltakern.benchmark import ADAPTER_DEFAULT_SHAPES, MODES, AdapterCase
+from deltakern.benchmark.cases.adapter import DEFAULT_SHAPES, AdapterCase
+from deltakern.benchmark.harness import MODES
 
 PROVIDERS = ["reference", "torch.compile", *(f"deltakern-{b}" for b in BACKENDS)]
 
 
 @pytest.fixture(scope="module")
 def cases():
-    return provider_cases(AdapterCase, ADAPTER_DEFAULT_SHAPES)
+    return provider_cases(AdapterCase, DEFAULT_SHAPES)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", ADAPTER_DEFAULT_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", DEFAULT_SHAPES, ids=str)
 def test_adapter(benchmark, cases, shape, provider, mode):
     case, providers = cases[shape]
     benchmark_provider(benchmark, case, providers[provider], provider, mode, f"adapter {shape} {mode}")

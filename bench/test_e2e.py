@@ -1,6 +1,6 @@
 """The end-to-end fine-tuning step through pytest-benchmark: ``pytest bench/test_e2e.py --benchmark-only``.
 
-The same cases as ``deltakern bench --ops e2e`` (deltakern.e2e): a Llama-style model built from a
+The same cases as ``deltakern bench --ops e2e`` (deltakern.benchmark.e2e): a Llama-style model built from a
 config, fine-tuned by LoRA, prefix tuning, Houlsby adapters, prompt tuning, P-tuning or BitFit, the
 PEFT way (or the eager adapter / BitFit reference) against deltakern's. Each provider's loss and
 delta gradients are checked against the reference before timing; bytes saved, peak memory and
@@ -10,8 +10,8 @@ tokens per second go in extra_info.
 import pytest
 from conftest import BACKENDS, DEVICE, benchmark_provider, provider_cases
 
-from deltakern.benchmark import MODES
-from deltakern.e2e import E2E_DEFAULT_SHAPES, E2ECase
+from deltakern.benchmark.e2e import E2E_DEFAULT_SHAPES, E2ECase
+from deltakern.benchmark.harness import MODES
 
 SHAPES = E2E_DEFAULT_SHAPES[DEVICE]
 # torch.compile of the reference model only on CUDA: E2ECase.providers explains the CPU cost.

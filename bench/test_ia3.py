@@ -10,19 +10,20 @@ read from one run, not asserted.
 import pytest
 from conftest import BACKENDS, benchmark_provider, provider_cases
 
-from deltakern.benchmark import IA3_DEFAULT_SHAPES, MODES, Ia3Case
+from deltakern.benchmark.cases.ia3_linear import DEFAULT_SHAPES, Ia3Case
+from deltakern.benchmark.harness import MODES
 
 PROVIDERS = ["frozen-linear", "reference", "torch.compile", *(f"deltakern-{b}" for b in BACKENDS)]
 
 
 @pytest.fixture(scope="module")
 def cases():
-    return provider_cases(Ia3Case, IA3_DEFAULT_SHAPES)
+    return provider_cases(Ia3Case, DEFAULT_SHAPES)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", IA3_DEFAULT_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", DEFAULT_SHAPES, ids=str)
 def test_ia3(benchmark, cases, shape, provider, mode):
     case, providers = cases[shape]
     benchmark_provider(benchmark, case, providers[provider], provider, mode, f"ia3 {shape} {mode}")

@@ -10,13 +10,12 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from . import __version__, _native
 from .backend import BACKENDS, availability, forced_backend
+from .registry import op_by_cli_name, ops
 
 
 def _info(_args) -> int:
@@ -133,49 +132,32 @@ class _ClearingWriter:
         return getattr(self._stream, name)
 
 
-@dataclass(frozen=True)
-class _Suite:
-    name: str  # the op column of its CSV rows and the CSV's file name
-    shape_type: type
-    default_shapes: tuple
-    quick_shapes: tuple
-    cases: Callable  # (shapes, dtype, device) -> cases of benchmark.run_cases
+E2E = "e2e"  # the end-to-end training step of every delta method: a suite, not an op
 
 
-_OPS = ("lora", "prefix", "adapter", "ia3", "e2e")
-_DEFAULT_OPS = _OPS
+def _suite_names() -> list[str]:
+    """The ``--ops`` names: every registered op's, in registry order, then the end-to-end step."""
+    return [spec.cli_name for spec in ops().values()] + [E2E]
 
 
-def _suite(op: str, device: str) -> _Suite:
-    """The shapes and case builder of ``op``; the end-to-end suite (which needs transformers and
-    PEFT) is imported only when asked for."""
-    from . import benchmark
+def _suite(name: str):
+    """The ``BenchSuite`` of ``--ops`` name ``name``; the end-to-end one (which needs transformers
+    and PEFT) is imported only when asked for."""
+    if name == E2E:
+        from .benchmark.e2e import SUITE
 
-    if op == "lora":
-        return _Suite("lora_linear", benchmark.LoraShape, benchmark.LORA_DEFAULT_SHAPES, benchmark.LORA_QUICK_SHAPES,
-                      benchmark.lora_cases)
-    if op == "prefix":
-        return _Suite("prefix_attention", benchmark.PrefixShape, benchmark.PREFIX_DEFAULT_SHAPES,
-                      benchmark.PREFIX_QUICK_SHAPES, benchmark.prefix_cases)
-    if op == "adapter":
-        return _Suite("adapter", benchmark.AdapterShape, benchmark.ADAPTER_DEFAULT_SHAPES, benchmark.ADAPTER_QUICK_SHAPES,
-                      benchmark.adapter_cases)
-    if op == "ia3":
-        return _Suite("ia3_linear", benchmark.Ia3Shape, benchmark.IA3_DEFAULT_SHAPES, benchmark.IA3_QUICK_SHAPES,
-                      benchmark.ia3_cases)
-    from . import e2e
-
-    return _Suite("e2e", e2e.E2EShape, tuple(e2e.E2E_DEFAULT_SHAPES[device]), tuple(e2e.E2E_QUICK_SHAPES), e2e.e2e_cases)
+        return SUITE
+    return op_by_cli_name(name).bench_module().SUITE
 
 
 def _needed_modules(ops: list[str]) -> list[str]:
     """What a run of ``ops`` imports beyond deltakern's own dependencies: matplotlib for the
     charts, transformers and PEFT for the end-to-end models. Checked before anything is timed."""
-    return ["matplotlib"] + (["transformers", "peft"] if "e2e" in ops else [])
+    return ["matplotlib"] + (["transformers", "peft"] if E2E in ops else [])
 
 
 def _bench(args) -> int:
-    from . import benchmark
+    from .benchmark import harness
 
     started = time.perf_counter()
     if args.gpu_report:
@@ -187,23 +169,26 @@ def _bench(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("deltakern bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    known = _suite_names()
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
-    unknown = [op for op in ops if op not in _OPS]
+    unknown = [op for op in ops if op not in known]
     if unknown or not ops:
-        print(f"deltakern bench: unknown op(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(_OPS)}",
+        print(f"deltakern bench: unknown op(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}",
               file=sys.stderr)
         return 2
     missing = [name for name in _needed_modules(ops) if importlib.util.find_spec(name) is None]
     if missing:
+        without_e2e = ",".join(op for op in known if op != E2E)
         print(f"deltakern bench: needs {', '.join(missing)}, not installed: pip install 'deltakern[bench]'"
-              + (" (or leave e2e out: --ops lora,prefix,adapter,ia3)" if "matplotlib" not in missing else ""), file=sys.stderr)
+              + (f" (or leave e2e out: --ops {without_e2e})" if "matplotlib" not in missing else ""), file=sys.stderr)
         return 2
-    suites = {op: _suite(op, device) for op in ops}
-    shapes = {op: suite.quick_shapes if args.quick else suite.default_shapes for op, suite in suites.items()}
+    suites = {op: _suite(op) for op in ops}
+    shapes = {op: suite.quick_shapes if args.quick else suite.defaults(device) for op, suite in suites.items()}
     if args.shapes:
         try:
-            shapes.update((op, found) for op, found in benchmark.load_shapes(
-                args.shapes, {op: _suite(op, device).shape_type for op in _OPS}).items() if op in suites)
+            shape_types = {op: _suite(op).shape_type for op in known}
+            shapes.update((op, found) for op, found in harness.load_shapes(args.shapes, shape_types).items()
+                          if op in suites)
         except ValueError as e:
             print(f"deltakern bench: {e}", file=sys.stderr)
             return 2
@@ -223,16 +208,16 @@ def _bench(args) -> int:
         for op in ops:
             suite = suites[op]
             bar(f"{op}: building {len(shapes[op])} case(s)")
-            cases = suite.cases(shapes[op], dtype, device)
-            results = benchmark.run_cases(suite.name, bar.iterate(suite.name, cases), backends, warmup, repeats,
+            cases = [suite.case(shape, dtype, device) for shape in shapes[op]]
+            results = harness.run_cases(suite.name, bar.iterate(suite.name, cases), backends, warmup, repeats,
                                           with_compile=not args.no_compile, progress=bar)
             _print_table(results)
             path = os.path.join(args.out, f"{suite.name}.csv")
-            benchmark.write_csv((r.row for r in results), path)
+            harness.write_csv((r.row for r in results), path)
             csv_paths.append(path)
             print(f"wrote {path}\n", flush=True)
             everything += results
-    failed = benchmark.failures(everything)
+    failed = harness.failures(everything)
     for r in failed:
         print(f"FAIL {r.row.op} {r.row.provider} {r.row.shape}: {r.detail}", file=sys.stderr)
     from .plots import plot_run
@@ -240,16 +225,16 @@ def _bench(args) -> int:
     for path in plot_run(csv_paths, args.out):
         print(f"wrote {path}")
     summary = {
-        "machine": benchmark.machine(),
-        "versions": benchmark.versions(),
-        "git_sha": benchmark.git_sha(),
+        "machine": harness.machine(),
+        "versions": harness.versions(),
+        "git_sha": harness.git_sha(),
         "args": {k: v for k, v in vars(args).items() if k not in ("command", "run")},
         "backends": backends,
         "warmup": warmup,
         "repeats": repeats,
         "wall_s": round(time.perf_counter() - started, 1),
         "failed": len(failed),
-        "results": benchmark.summarize(everything),
+        "results": harness.summarize(everything),
     }
     path = os.path.join(args.out, "summary.json")
     with open(path, "w") as f:
@@ -262,7 +247,7 @@ def _print_table(results) -> None:
     """One line per (shape, provider, mode): median, ratio to PEFT's way (``reference``) and to the
     case's first provider (its floor); for the full step the bytes saved for backward and the
     peak memory, and the tokens per second where the op has them (e2e); and the check."""
-    from .benchmark import MODES
+    from .benchmark.harness import MODES
 
     shapes = list(dict.fromkeys(r.row.shape for r in results))
     providers = list(dict.fromkeys(r.row.provider for r in results))
@@ -295,16 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends and how deltakern._C was built").set_defaults(run=_info)
     bench = sub.add_parser("bench", help="time every provider against the reference, checking each result")
-    bench.add_argument("--ops", default=",".join(_DEFAULT_OPS),
-                       help=f"comma-separated ops among {','.join(_OPS)} (default {','.join(_DEFAULT_OPS)})")
+    names = ",".join(_suite_names())
+    bench.add_argument("--ops", default=names, help=f"comma-separated ops among {names} (default: all of them)")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (seconds)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     bench.add_argument("--backend", choices=BACKENDS, help="time only this deltakern backend")
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
     bench.add_argument("--shapes", metavar="FILE",
-                       help='JSON file of shapes replacing the defaults of the ops it names: '
-                            '{"lora": [{"m": 2048, "in_features": 1024, ...}], "prefix": [...], "adapter": [...], "ia3": [...], "e2e": [...]}')
+                       help='JSON file of shapes replacing the defaults of the ops it names, keyed by --ops name, '
+                            'each a list of objects with the fields of that op\'s shape: '
+                            '{"lora": [{"m": 2048, "in_features": 1024, ...}], "e2e": [...]}')
     bench.add_argument("--gpu-report", action="store_true",
                        help="instead of timing: the sm_80/sm_90 compile report of every GPU kernel (table and CSV)")
     bench.add_argument("--out", default="deltakern-bench",

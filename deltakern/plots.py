@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .benchmark import MODES, read_csv
+from .benchmark.harness import MODES, read_csv
 
 _MEMORY_METRICS = (("saved_MB", "saved for backward"), ("peak_MB", "peak of a step"))
 

@@ -82,18 +82,21 @@ class OwnFormat:
 
 @dataclass(frozen=True)
 class E2EProviders:
-    """How the end-to-end benchmark (``deltakern.e2e``) fine-tunes a Llama-style model with a method.
+    """How the end-to-end benchmark (``deltakern.benchmark.e2e``) fine-tunes a Llama-style model with a method.
 
     reference(base) -> model: what a user runs today (PEFT, or plain torch where PEFT lacks the
         method), its delta weights drawn so that every path matters (not PEFT's zero init).
     deltakern(base) -> model: the same method through deltakern.
     pairs(reference_model, deltakern_model) -> [(name, reference parameter, deltakern parameter)]:
         every delta parameter, the two holding the same values (reshaped where the layouts differ).
+    virtual_tokens: tokens the method puts before the input (prompt tuning, P-tuning, prefix):
+        the model's positions must cover them.
     """
 
     reference: Callable
     deltakern: Callable
     pairs: Callable
+    virtual_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from deltakern import benchmark, cli
+from deltakern import cli
+from deltakern.benchmark import harness
+from deltakern.benchmark.cases.adapter import AdapterCase
+from deltakern.benchmark.cases.lora_linear import LoraCase
 from deltakern.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,7 +33,7 @@ def test_bench_quick_writes_checked_rows(tmp_path, capsys):
     assert "FAIL" not in out
     with open(tmp_path / "lora_linear.csv") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0].keys()) == benchmark.COLUMNS
+    assert tuple(rows[0].keys()) == harness.COLUMNS
     providers = {r["provider"] for r in rows}
     assert providers == {"frozen-linear", "reference", "deltakern-cpu"}
     assert {r["mode"] for r in rows if r["metric"] == "ms"} == {"fwd", "bwd", "full"}
@@ -46,8 +49,8 @@ def test_bench_quick_writes_checked_rows(tmp_path, capsys):
 
 
 def test_bench_marks_a_wrong_result_and_fails(tmp_path, capsys, monkeypatch):
-    original = benchmark.LoraCase.peft_way
-    monkeypatch.setattr(benchmark.LoraCase, "peft_way", lambda self, x: original(self, x) * 1.01)
+    original = LoraCase.peft_way
+    monkeypatch.setattr(LoraCase, "peft_way", lambda self, x: original(self, x) * 1.01)
     assert main(["bench", "--ops", "lora", "--quick", "--no-compile", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     # One FAIL line per failed provider and shape, however many rows (3 modes, 2 memory metrics) it has.
@@ -63,8 +66,8 @@ def test_bench_marks_a_wrong_result_and_fails(tmp_path, capsys, monkeypatch):
 
 def test_bench_fails_on_a_failed_check_of_any_provider(tmp_path, capsys, monkeypatch):
     """A check failing for a baseline provider of the adapter op (not only PEFT's way) counts too."""
-    original = benchmark.AdapterCase.check
-    monkeypatch.setattr(benchmark.AdapterCase, "check",
+    original = AdapterCase.check
+    monkeypatch.setattr(AdapterCase, "check",
                         lambda self, provider, fn: (False, 7.0) if provider == "deltakern-cpu" else original(self, provider, fn))
     assert main(["bench", "--ops", "adapter", "--quick", "--no-compile", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
@@ -91,7 +94,7 @@ def test_bench_writes_summary_and_plots_that_agree_with_the_csv(tmp_path, capsys
     assert summary["machine"]["cores"] >= 1 and summary["machine"]["cpu"]
     assert summary["versions"]["torch"] == torch.__version__
     assert summary["args"]["ops"] == "adapter" and summary["args"]["quick"] is True
-    assert summary["git_sha"] == benchmark.git_sha()
+    assert summary["git_sha"] == harness.git_sha()
     assert (summary["warmup"], summary["repeats"], summary["failed"]) == (1, 3, 0)
     rows = _csv(tmp_path / "adapter.csv")
     medians = {(r["provider"], r["mode"], r["metric"]): float(r["p50"]) for r in rows}
@@ -182,18 +185,17 @@ class _FakeE2ECase:
         return (lambda: fn(self.x).sum().backward() if mode == "full" else fn(self.x)), None
 
     def saved_bytes(self, fn):
-        return benchmark.saved_tensors_bytes(lambda: fn(self.x))
+        return harness.saved_tensors_bytes(lambda: fn(self.x))
 
 
 @pytest.fixture
 def fake_e2e(monkeypatch):
-    module = types.ModuleType("deltakern.e2e")
-    module.E2EShape = _FakeE2EShape
-    module.E2E_DEFAULT_SHAPES = {"cpu": (_FakeE2EShape("lora", 64),), "cuda": (_FakeE2EShape("lora", 128),)}
-    module.E2E_QUICK_SHAPES = (_FakeE2EShape("lora", 8), _FakeE2EShape("adapter", 16))
-    module.e2e_cases = lambda shapes, dtype, device: [_FakeE2ECase(s, dtype, device) for s in shapes]
-    monkeypatch.setitem(sys.modules, "deltakern.e2e", module)
-    monkeypatch.setattr("deltakern.e2e", module, raising=False)
+    module = types.ModuleType("deltakern.benchmark.e2e")
+    module.SUITE = harness.BenchSuite(
+        "e2e", _FakeE2EShape, {"cpu": (_FakeE2EShape("lora", 64),), "cuda": (_FakeE2EShape("lora", 128),)},
+        (_FakeE2EShape("lora", 8), _FakeE2EShape("adapter", 16)), _FakeE2ECase)
+    monkeypatch.setitem(sys.modules, "deltakern.benchmark.e2e", module)
+    monkeypatch.setattr("deltakern.benchmark.e2e", module, raising=False)
     return module
 
 
@@ -310,15 +312,15 @@ def test_peak_bytes_follows_allocations():
         return c.sum()
 
     # Plus a few bytes: each Python scalar becomes a 0-d tensor.
-    assert 2 * x.nbytes <= benchmark.peak_bytes(step, "cpu") <= 2 * x.nbytes + 64
+    assert 2 * x.nbytes <= harness.peak_bytes(step, "cpu") <= 2 * x.nbytes + 64
 
 
 def test_quantiles_and_saved_bytes():
     import torch
 
-    assert benchmark.quantiles([5.0, 1.0, 3.0, 2.0, 4.0])[1] == 3.0
+    assert harness.quantiles([5.0, 1.0, 3.0, 2.0, 4.0])[1] == 3.0
     x = torch.randn(64, 32, requires_grad=True)
     w = torch.randn(16, 32, requires_grad=True)
     # x * x saves x twice: one storage, counted once; linear saves x and w, w excluded.
-    assert benchmark.saved_tensors_bytes(lambda: x * x) == x.nbytes
-    assert benchmark.saved_tensors_bytes(lambda: torch.nn.functional.linear(x, w), exclude=(w,)) == x.nbytes
+    assert harness.saved_tensors_bytes(lambda: x * x) == x.nbytes
+    assert harness.saved_tensors_bytes(lambda: torch.nn.functional.linear(x, w), exclude=(w,)) == x.nbytes

@@ -1,4 +1,4 @@
-"""The end-to-end fine-tuning benchmark (deltakern.e2e) on tiny Llama models: deltakern's step matches
+"""The end-to-end fine-tuning benchmark (deltakern.benchmark.e2e) on tiny Llama models: deltakern's step matches
 PEFT's (or the eager adapters' or BitFit's) in loss and delta gradients for each method, the
 providers, the loss over virtual tokens, the training step, the bytes saved for backward, and bad
 input."""
@@ -10,7 +10,11 @@ import torch
 
 import torch.nn.functional as F
 
-from deltakern import benchmark, e2e
+from deltakern.benchmark import e2e, harness
+from deltakern.patch import lora as lora_method
+from deltakern.patch import prefix as prefix_method
+from deltakern.patch import prompt as prompt_method
+from deltakern.registry import methods
 from deltakern.nn import LoRALinear
 from deltakern.patch.bitfit import bitfit_biases
 
@@ -25,20 +29,20 @@ def cases():
 
 
 def test_shapes():
-    assert [s.method for s in e2e.E2E_QUICK_SHAPES] == list(e2e.METHODS)
+    assert [s.method for s in e2e.E2E_QUICK_SHAPES] == list(methods())
     for device in ("cpu", "cuda"):
-        assert [s.method for s in e2e.E2E_DEFAULT_SHAPES[device]] == list(e2e.METHODS)
+        assert [s.method for s in e2e.E2E_DEFAULT_SHAPES[device]] == list(methods())
     cpu = e2e.E2E_DEFAULT_SHAPES["cpu"][0]
     assert (cpu.hidden, cpu.layers, cpu.seq, cpu.batch) == (512, 4, 256, 4)
     assert str(cpu) == "lora,h=512,L=4,seq=256,b=4"
     assert e2e.E2ECase(SHAPES["lora"], torch.float32, "cpu").tokens == SHAPES["lora"].batch * SHAPES["lora"].seq
 
 
-@pytest.mark.parametrize("method", e2e.METHODS)
+@pytest.mark.parametrize("method", list(methods()))
 def test_deltakern_step_matches_the_reference(cases, method):
     case = cases[method]
     providers = case.providers(["cpu", "reference"], with_compile=True)
-    # torch.compile of the reference is left out on CPU (compile time, see deltakern.e2e).
+    # torch.compile of the reference is left out on CPU (compile time, see deltakern.benchmark.e2e).
     assert list(providers) == ["reference", "deltakern-cpu", "deltakern-reference"]
     assert providers["reference"].model is case.reference and providers["deltakern-cpu"].model is case.model
     for name, fn in providers.items():
@@ -49,7 +53,7 @@ def test_deltakern_step_matches_the_reference(cases, method):
     assert case.reference.training and case.model.training
 
 
-@pytest.mark.parametrize("method", e2e.METHODS)
+@pytest.mark.parametrize("method", list(methods()))
 def test_check_fails_when_the_models_differ(method):
     case = e2e.E2ECase(SHAPES[method], torch.float32, "cpu")
     providers = case.providers(["cpu"])
@@ -75,18 +79,18 @@ def test_same_base_and_delta_weights(cases):
     assert len(lora.pairs) == 2 * 7 * SHAPES["lora"].layers  # q, k, v, o, gate, up, down; not lm_head
     assert all(mine.abs().max() > 0 for name, _, mine in lora.pairs if name.endswith("lora_B"))
     layers = [m for m in lora.model.modules() if isinstance(m, LoRALinear)]
-    assert {m.dropout for m in layers} == {e2e.LORA_DROPOUT}
+    assert {m.dropout for m in layers} == {lora_method.E2E_DROPOUT}
     assert {(m.r, m.scaling) for m in layers} == {(16, 2.0)}
-    assert cases["prefix"].pairs[0][2].shape[0] == e2e.PREFIX_TOKENS
+    assert cases["prefix"].pairs[0][2].shape[0] == prefix_method.E2E_VIRTUAL_TOKENS
     assert len(cases["adapter"].pairs) == 4 * 2 * SHAPES["adapter"].layers
     hidden = SHAPES["prompt"].hidden
     [(name, theirs, mine)] = cases["prompt"].pairs
     assert name == "prompt.embedding.weight" and mine is cases["prompt"].model.deltakern_prompt.embedding.weight
-    assert mine.shape == (e2e.PROMPT_TOKENS, hidden)
+    assert mine.shape == (prompt_method.E2E_VIRTUAL_TOKENS, hidden)
     assert 0.5 < mine.std().item() < 1.5  # PEFT's random init, N(0, 1), copied
     # P-tuning's MLP encoder: embedding, then Linear(D, H), ReLU, Linear(H, H), ReLU, Linear(H, D), H = D.
     ptuning = {name: mine.shape for name, _, mine in cases["ptuning"].pairs}
-    assert ptuning == {"prompt.embedding.weight": (e2e.PROMPT_TOKENS, hidden),
+    assert ptuning == {"prompt.embedding.weight": (prompt_method.E2E_VIRTUAL_TOKENS, hidden),
                        **{f"prompt.mlp_head.{i}.weight": (hidden, hidden) for i in (0, 2, 4)},
                        **{f"prompt.mlp_head.{i}.bias": (hidden,) for i in (0, 2, 4)}}
     # BitFit: a zero bias on every linear layer (q, k, v, o, gate, up, down per layer, and lm_head),
@@ -121,8 +125,8 @@ def test_virtual_tokens_are_not_targets(cases, method):
                 out = model(**case.inputs)
         finally:
             model.train()
-        assert out.logits.shape == (*ids.shape[:1], e2e.PROMPT_TOKENS + ids.shape[1], vocab)
-        by_hand = F.cross_entropy(out.logits[:, e2e.PROMPT_TOKENS - 1:-1].reshape(-1, vocab), ids.reshape(-1))
+        assert out.logits.shape == (*ids.shape[:1], prompt_method.E2E_VIRTUAL_TOKENS + ids.shape[1], vocab)
+        by_hand = F.cross_entropy(out.logits[:, prompt_method.E2E_VIRTUAL_TOKENS - 1:-1].reshape(-1, vocab), ids.reshape(-1))
         assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
@@ -164,7 +168,7 @@ def test_saved_bytes(cases):
     # saved for the input gradient) and at most all parameters.
     case = cases["lora"]
     fn = case.providers(["cpu"])["deltakern-cpu"]
-    with_parameters = benchmark.saved_tensors_bytes(fn)
+    with_parameters = harness.saved_tensors_bytes(fn)
     linear = sum(m.base_layer.weight.nbytes for m in case.model.modules() if isinstance(m, LoRALinear))
     linear += case.model.lm_head.weight.nbytes
     everything = sum(p.nbytes for p in case.model.parameters())
@@ -173,7 +177,7 @@ def test_saved_bytes(cases):
 
 def test_run_cases_rows(cases):
     # One method: the CPU profiler behind peak_MB takes seconds per provider even at this size.
-    results = benchmark.run_cases("e2e", [cases["lora"]], ["cpu"], warmup=0, repeats=1, with_compile=True)
+    results = harness.run_cases("e2e", [cases["lora"]], ["cpu"], warmup=0, repeats=1, with_compile=True)
     assert all(r.ok for r in results), [(r.row.shape, r.row.provider, r.detail) for r in results if not r.ok]
     rows = {(r.row.shape, r.row.provider, r.row.mode, r.row.metric): r.row for r in results}
     for shape in [SHAPES["lora"]]:
@@ -181,7 +185,7 @@ def test_run_cases_rows(cases):
             assert {metric for (s, p, mode, metric) in rows if (s, p) == (str(shape), provider)} == {
                 "ms", "saved_MB", "peak_MB", "tokens_per_s"}
             assert {mode for (s, p, mode, metric) in rows if (s, p, metric) == (str(shape), provider, "ms")} == set(
-                benchmark.MODES)
+                harness.MODES)
             step = rows[(str(shape), provider, "full", "ms")]
             rate = rows[(str(shape), provider, "full", "tokens_per_s")]
             assert rate.p50 == pytest.approx(shape.batch * shape.seq / (step.p50 / 1e3))
@@ -197,4 +201,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match="multiple of heads"):
         e2e.E2EShape("lora", **{**fields, "heads": 3})
     with pytest.raises(ValueError, match="must be an E2EShape"):
-        e2e.e2e_cases(["lora"], torch.float32, "cpu")
+        e2e.E2ECase("lora", torch.float32, "cpu")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.adapter import adapter
-from ..reference.adapter import ACTIVATIONS
+from ..activations import check_activation
 
 INITS = ("houlsby", "lora")
 # Houlsby et al. draw both projections near zero so that a freshly inserted adapter is nearly
@@ -35,8 +35,7 @@ class Adapter(nn.Module):
         for name, value in (("d_model", d_model), ("bottleneck", bottleneck)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"deltakern.nn.Adapter: {name} must be an int >= 1, got {value!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"deltakern.nn.Adapter: unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        check_activation("deltakern.nn.Adapter", activation)
         if init not in INITS:
             raise ValueError(f"deltakern.nn.Adapter: unknown init {init!r}; expected one of {', '.join(INITS)}")
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):

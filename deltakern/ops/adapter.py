@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ..activations import CODES, check_activation
 from ..backend import BACKENDS, select_backend
 from ..reference import adapter as reference
-from ..reference.adapter import ACTIVATIONS
 from ..registry import OpSpec, register_op
 from ._common import as_rows, check_backend_dtype, check_finite, check_same, check_tensor, register_backends
 
@@ -154,8 +154,7 @@ def adapter(
         BackendUnavailableError: a forced backend cannot run this call.
     """
     _check_inputs(h, w_down, b_down, w_up, b_up, residual)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"deltakern.{_OP}: unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    check_activation(f"deltakern.{_OP}", activation)
     scaling = check_finite(_OP, "scaling", scaling)
     backend = select_backend(_OP, h.device.type)
     check_backend_dtype(_OP, backend, h.dtype)
@@ -165,5 +164,5 @@ def adapter(
     residual2d = None if residual is None else as_rows(residual).contiguous()
     b_down, b_up = (None if b is None else b.contiguous() for b in (b_down, b_up))
     out2d, _ = _FWD_OPS[backend](h2d, w_down.contiguous(), b_down, w_up.contiguous(), b_up, residual2d,
-                                 ACTIVATIONS.index(activation), scaling)
+                                 CODES[activation], scaling)
     return out2d.reshape(h.shape)

@@ -33,8 +33,9 @@ import math
 import torch
 from torch import nn
 
+from ..activations import check_activation
 from ..nn import Adapter
-from ..reference.adapter import ACTIVATIONS
+from ..registry import E2EProviders, MethodSpec, OwnFormat, register_method
 from .common import check_config, freeze_base, load_checked, replace_submodule
 from .families import blocks, family_of
 
@@ -113,8 +114,7 @@ def _check_arguments(caller: str, bottleneck, placement, activation, scaling) ->
         raise ValueError(f"{caller}: bottleneck must be an int >= 1, got {bottleneck!r}")
     if placement not in PLACEMENTS:
         raise ValueError(f"{caller}: unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{caller}: unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    check_activation(caller, activation)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"{caller}: scaling must be a finite number, got {scaling!r}")
 
@@ -245,3 +245,68 @@ def load_adapters(model: nn.Module, config: dict, state: dict) -> nn.Module:
     model = _add(model, config["bottleneck"], config["placement"], config["activation"], config["scaling"], caller,
                  state=state)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The method's declaration
+# ---------------------------------------------------------------------------------------------
+
+E2E_BOTTLENECK = 64
+
+
+class _HoulsbyAdapter(nn.Module):
+    """The eager reference adapter: ``y + up(relu(down(y)))``, weights ``down [r, d]``, ``up [d, r]``."""
+
+    def __init__(self, d_model: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(d_model, bottleneck)
+        self.up = nn.Linear(bottleneck, d_model)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.up(torch.relu(self.down(y)))
+
+
+def _houlsby_targets(model: nn.Module) -> list[str]:
+    """Where Houlsby puts adapters in a LlamaForCausalLM: after each attention and FFN output projection."""
+    return [f"model.layers.{i}.{name}" for i in range(model.config.num_hidden_layers)
+            for name in ("self_attn.o_proj", "mlp.down_proj")]
+
+
+def _e2e_reference(base: nn.Module) -> nn.Module:
+    """PEFT has no bottleneck adapters: an eager Houlsby adapter ``y + up(relu(down(y)))``
+    (bottleneck 64) as a forward hook on every attention and FFN output projection (the placement
+    of ``add_adapters(..., placement="houlsby")``), in plain torch; Houlsby's near-identity init,
+    with non-zero biases so that their gradients are checked too."""
+    base.requires_grad_(False)
+    weight = base.get_input_embeddings().weight
+    adapters = nn.ModuleList()
+    for name in _houlsby_targets(base):
+        adapter = _HoulsbyAdapter(base.config.hidden_size, E2E_BOTTLENECK).to(device=weight.device, dtype=weight.dtype)
+        for parameter in adapter.parameters():
+            nn.init.normal_(parameter, std=1e-2)
+        adapters.append(adapter)
+        base.get_submodule(name).register_forward_hook(lambda module, args, out, a=adapter: a(out))
+    base.add_module("houlsby_adapters", adapters)
+    return base
+
+
+def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    pairs = []
+    for name, theirs in zip(_houlsby_targets(reference), reference.houlsby_adapters):
+        mine = ours.get_submodule(name).adapter
+        for key in ("down.weight", "down.bias", "up.weight", "up.bias"):
+            pairs.append((f"{name}.adapter.{key}", theirs.get_parameter(key), mine.get_parameter(key)))
+    return pairs
+
+
+# Adapters load before PEFT's part of a checkpoint: their wrappers are what LoRA names refer to
+# when both are present (a LoRA layer inside an adapter wrapper is saved as
+# "<module>.base_layer"), whichever was added first.
+register_method(MethodSpec(
+    name="adapter", label="adapters", present=has_adapters,
+    checkpoint=OwnFormat("deltakern_adapters", save=adapters_checkpoint, load=load_adapters, load_order=-1),
+    e2e=E2EProviders(
+        reference=_e2e_reference,
+        deltakern=lambda base: add_adapters(base, bottleneck=E2E_BOTTLENECK, placement="houlsby", activation="relu",
+                                            scaling=1.0),
+        pairs=_e2e_pairs)))

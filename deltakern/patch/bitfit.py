@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..registry import E2EProviders, MethodSpec, OwnFormat, register_method
 from .common import check_config, delta_parameter_ids, load_checked
 
 MARKER = "_deltakern_bitfit"
@@ -194,3 +195,29 @@ def load_bitfit(model: nn.Module, config: dict, state: dict) -> nn.Module:
     add_bitfit(model)
     load_checked(caller, "BitFit", bitfit_biases(model), state)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The method's declaration
+# ---------------------------------------------------------------------------------------------
+
+def _e2e_reference(base: nn.Module) -> nn.Module:
+    """PEFT has no BitFit: a zero bias added to every bias-less ``nn.Linear`` (all of Llama's, the
+    LM head included), the biases trainable and nothing else, in plain torch."""
+    base.requires_grad_(False)
+    for module in base.modules():
+        if isinstance(module, nn.Linear) and module.bias is None:
+            weight = module.weight
+            module.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
+    return base
+
+
+register_method(MethodSpec(
+    name="bitfit", label="BitFit biases", present=has_bitfit,
+    checkpoint=OwnFormat("deltakern_bitfit", save=bitfit_checkpoint, load=load_bitfit, load_order=1),
+    e2e=E2EProviders(
+        reference=_e2e_reference,
+        deltakern=lambda base: add_bitfit(base, add_missing_biases=True),
+        # BitFit's biases stay zero on both sides, as add_bitfit adds them.
+        pairs=lambda reference, ours: [(f"{name}.bias", module.bias, ours.get_submodule(name).bias)
+                                       for name, module in reference.named_modules() if isinstance(module, nn.Linear)])))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..nn import IA3Linear
+from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
 from .common import freeze_base, peft_config_fields, peft_task_type, replace_submodule
 from .lora import PEFT_KEY_PREFIX, _resolve_targets
 
@@ -211,3 +212,39 @@ def load_peft_ia3(model: nn.Module, config: dict, state: dict) -> nn.Module:
         for key, layer in expected.items():
             layer.ia3_l.copy_(state[key].reshape(layer.ia3_l.shape))
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The method's declaration
+# ---------------------------------------------------------------------------------------------
+
+# The (IA)³ vectors start at one (PEFT and deltakern alike); the end-to-end step draws them from
+# N(1, 0.1²) so that a missing scale shows.
+E2E_SCALE_STD = 0.1
+
+
+def _e2e_reference(base: nn.Module) -> nn.Module:
+    """PEFT's ``get_peft_model`` with ``IA3Config`` and its Llama defaults (output scales on
+    ``k_proj`` and ``v_proj``, an input scale on ``down_proj``), the vectors drawn around 1."""
+    import peft
+
+    model = peft.get_peft_model(base, peft.IA3Config(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "ia3_l" in name:
+                parameter.normal_(1.0, E2E_SCALE_STD)
+    return model
+
+
+def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """PEFT keeps the vectors ``[out, 1]`` or ``[1, in]``, deltakern 1-D."""
+    from peft.tuners.ia3 import IA3Layer
+
+    return [(f"{name}.ia3_l", layer.ia3_l["default"], ours.get_submodule(name).ia3_l)
+            for name, layer in reference.get_base_model().named_modules() if isinstance(layer, IA3Layer)]
+
+
+register_method(MethodSpec(
+    name="ia3", label="(IA)³", present=has_ia3,
+    checkpoint=PeftFormat(("IA3",), save=peft_ia3_checkpoint, load=load_peft_ia3),
+    e2e=E2EProviders(reference=_e2e_reference, deltakern=add_ia3, pairs=_e2e_pairs)))

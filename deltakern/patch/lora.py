@@ -15,6 +15,7 @@ from torch import nn
 
 from ..nn import LoRALinear
 from ..nn.wrapped_linear import is_conv1d
+from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
 from .common import DELTA_MODULES, freeze_base, peft_config_fields, peft_task_type, replace_submodule
 
 ALL_LINEAR = "all-linear"
@@ -302,3 +303,49 @@ def load_peft_lora(model: nn.Module, config: dict, state: dict) -> nn.Module:
                 )
             parameter.copy_(state[key])
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The method's declaration: PEFT's checkpoint format, and deltakern bench's end-to-end step
+# ---------------------------------------------------------------------------------------------
+
+# The end-to-end step trains r=16, alpha=32, dropout 0.05 on every linear layer. LoRA's B starts
+# at zero (PEFT and deltakern alike), which would make the LoRA path's output and A's gradient
+# zero; the benchmark draws B like the base layers (HF's initializer_range).
+E2E_R, E2E_ALPHA, E2E_DROPOUT, E2E_B_STD = 16, 32, 0.05, 0.02
+
+
+def _e2e_reference(base: nn.Module) -> nn.Module:
+    """PEFT's ``get_peft_model`` with ``LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+    target_modules="all-linear")``, B drawn from N(0, 0.02²)."""
+    import peft
+
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=E2E_R, lora_alpha=E2E_ALPHA, lora_dropout=E2E_DROPOUT,
+                             target_modules=ALL_LINEAR)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, E2E_B_STD)
+    return model
+
+
+def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for name, layer in reference.get_base_model().named_modules():
+        if isinstance(layer, LoraLayer):
+            mine = ours.get_submodule(name)
+            pairs.append((f"{name}.lora_A", layer.lora_A["default"].weight, mine.lora_A))
+            pairs.append((f"{name}.lora_B", layer.lora_B["default"].weight, mine.lora_B))
+    return pairs
+
+
+register_method(MethodSpec(
+    name="lora", label="LoRA", present=has_lora,
+    checkpoint=PeftFormat(("LORA",), save=peft_lora_checkpoint, load=load_peft_lora),
+    e2e=E2EProviders(
+        reference=_e2e_reference,
+        deltakern=lambda base: add_lora(base, r=E2E_R, alpha=E2E_ALPHA, dropout=E2E_DROPOUT, target_modules=ALL_LINEAR),
+        pairs=_e2e_pairs)))

@@ -48,6 +48,7 @@ from torch import nn
 
 from ..nn import PrefixEncoder
 from ..ops import prefix_attention
+from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
 from .common import freeze_base, peft_config_fields, peft_task_type
 from .families import blocks, family_of
 
@@ -466,3 +467,28 @@ def load_peft_prefix(model: nn.Module, config: dict, state: dict) -> nn.Module:
                                                       dtype=encoder.embedding.weight.dtype)
     encoder.load_prompt_embeddings(prompt_embeddings)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The method's declaration
+# ---------------------------------------------------------------------------------------------
+
+E2E_VIRTUAL_TOKENS = 32
+
+
+def _e2e_reference(base: nn.Module) -> nn.Module:
+    """PEFT's ``get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=32)``."""
+    import peft
+
+    return peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=E2E_VIRTUAL_TOKENS))
+
+
+register_method(MethodSpec(
+    name="prefix", label="a prefix", present=has_prefix,
+    checkpoint=PeftFormat(("PREFIX_TUNING",), save=peft_prefix_checkpoint, load=load_peft_prefix),
+    e2e=E2EProviders(
+        reference=_e2e_reference,
+        deltakern=lambda base: add_prefix(base, E2E_VIRTUAL_TOKENS),
+        pairs=lambda reference, ours: [("prefix.embedding", reference.prompt_encoder["default"].embedding.weight,
+                                        getattr(ours, ENCODER_ATTRIBUTE).embedding.weight)],
+        virtual_tokens=E2E_VIRTUAL_TOKENS)))

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..nn import PromptEncoder
 from ..nn.prompt import ENCODERS
+from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
 from .common import freeze_base, peft_config_fields, peft_task_type
 
 PROMPT_ATTRIBUTE = "deltakern_prompt"
@@ -342,3 +343,46 @@ def load_peft_prompt(model: nn.Module, config: dict, state: dict) -> nn.Module:
                 raise ValueError(f"{caller}: the checkpoint holds {key!r}, which {type(model).__name__} has no parameter for") from None
             target.copy_(value)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods' declarations: prompt tuning and P-tuning share PEFT's prompt checkpoint format
+# ---------------------------------------------------------------------------------------------
+
+E2E_VIRTUAL_TOKENS = 32
+
+
+def _e2e_reference(config_class: str, **fields):
+    """PEFT's ``get_peft_model`` with ``<config_class>(num_virtual_tokens=32, **fields)`` (random init)."""
+    def build(base: nn.Module) -> nn.Module:
+        import peft
+
+        config = getattr(peft, config_class)(task_type="CAUSAL_LM", num_virtual_tokens=E2E_VIRTUAL_TOKENS, **fields)
+        return peft.get_peft_model(base, config)
+
+    return build
+
+
+def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """PEFT's PromptEncoder and deltakern's share parameter names and shapes (embedding, mlp_head.*)."""
+    mine = dict(getattr(ours, PROMPT_ATTRIBUTE).named_parameters())
+    theirs = dict(reference.prompt_encoder["default"].named_parameters())
+    if set(mine) != set(theirs):
+        raise RuntimeError(f"deltakern's prompt parameters {sorted(mine)} are not PEFT's {sorted(theirs)}")
+    return [(f"prompt.{name}", parameter, mine[name]) for name, parameter in theirs.items()]
+
+
+register_method(MethodSpec(
+    name="prompt", label="a prompt", present=has_prompt,
+    checkpoint=PeftFormat(("PROMPT_TUNING", "P_TUNING"), save=peft_prompt_checkpoint, load=load_peft_prompt),
+    e2e=E2EProviders(
+        reference=_e2e_reference("PromptTuningConfig"),
+        deltakern=lambda base: add_prompt(base, E2E_VIRTUAL_TOKENS),
+        pairs=_e2e_pairs, virtual_tokens=E2E_VIRTUAL_TOKENS)))
+# P-tuning v1 (an MLP prompt encoder) is saved as a prompt: PEFT's P_TUNING type, read above.
+register_method(MethodSpec(
+    name="ptuning", label="P-tuning",
+    e2e=E2EProviders(
+        reference=_e2e_reference("PromptEncoderConfig", encoder_reparameterization_type="MLP"),
+        deltakern=lambda base: add_prompt(base, E2E_VIRTUAL_TOKENS, encoder="mlp"),
+        pairs=_e2e_pairs, virtual_tokens=E2E_VIRTUAL_TOKENS)))

@@ -9,20 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The activations of the adapter op, in the order of their codes in the C++/CUDA/Triton kernels
-# (csrc/include/deltakern/activations.h): code = ACTIVATIONS.index(name).
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh")
-
-
-def activation_fn(name: str):
-    """The eager function of activation ``name`` (one of :data:`ACTIVATIONS`)."""
-    return {
-        "relu": F.relu,
-        "gelu": F.gelu,  # exact: x Φ(x) with the error function
-        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "silu": F.silu,
-        "tanh": torch.tanh,
-    }[name]
+from ..activations import activation_fn
 
 
 def adapter(

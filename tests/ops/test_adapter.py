@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import deltakern
-from deltakern.benchmark import saved_tensors_bytes
-from deltakern.reference.adapter import ACTIVATIONS
+from deltakern.benchmark.harness import saved_tensors_bytes
+from deltakern.activations import ACTIVATIONS
 from deltakern.reference.adapter import adapter as reference_adapter
 from tests.compile_check import assert_compiled_step_matches_eager
 from tests.tolerances import assert_backend_matches_reference

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltakern
-from deltakern.reference.adapter import ACTIVATIONS
+from deltakern.activations import ACTIVATIONS
 from deltakern.reference.adapter import adapter as reference_adapter
 from tests.ops.test_adapter import COVERING, make_inputs, run
 from tests.tolerances import assert_close

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import deltakern
-from deltakern.benchmark import saved_tensors_bytes
+from deltakern.benchmark.harness import saved_tensors_bytes
 from deltakern.reference.ia3_linear import ia3_linear as reference_ia3_linear
 from tests.compile_check import assert_compiled_step_matches_eager
 from tests.tolerances import assert_backend_matches_reference

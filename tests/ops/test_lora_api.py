@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import deltakern
-from deltakern.benchmark import saved_tensors_bytes
+from deltakern.benchmark.harness import saved_tensors_bytes
 from tests.ops.test_lora import SEED, make_inputs
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deltakern
-from deltakern.benchmark import saved_tensors_bytes
+from deltakern.benchmark.harness import saved_tensors_bytes
 from deltakern.ops.prefix_attention import prefix_attention
 from deltakern.reference.prefix_attention import prefix_attention as reference_prefix_attention
 from tests.compile_check import assert_compiled_step_matches_eager

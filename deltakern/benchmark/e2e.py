@@ -10,35 +10,26 @@ Mode ``fwd`` is the forward with the autograd graph built, ``bwd`` the backward 
 
 Providers (the ``providers`` dict of :class:`E2ECase`):
 
-- ``reference``: what a user runs today. LoRA and prefix tuning: PEFT's ``get_peft_model`` with
-  ``LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")`` or
-  ``PrefixTuningConfig(num_virtual_tokens=32)``. Adapters (PEFT has no bottleneck adapters): an
-  eager Houlsby adapter ``y + up(relu(down(y)))`` (bottleneck 64) as a forward hook on every
-  attention output projection (``o_proj``) and FFN output projection (``down_proj``), the
-  placement of ``deltakern.add_adapters(..., placement="houlsby")``, in plain torch. Prompt tuning
-  and P-tuning: PEFT's ``PromptTuningConfig(num_virtual_tokens=32)`` (random init) and
-  ``PromptEncoderConfig(num_virtual_tokens=32, encoder_reparameterization_type="MLP")``. BitFit
-  (PEFT has none): a zero bias added to every bias-less ``nn.Linear`` (all of Llama's, the LM head
-  included), the biases trainable and nothing else, in plain torch. (IA)³: PEFT's ``IA3Config``
-  with its Llama defaults (output scales on ``k_proj`` and ``v_proj``, an input scale on
-  ``down_proj``).
+- ``reference``: what a user runs today, as each method declares it (``MethodSpec.e2e``, in
+  ``deltakern/patch/<method>.py``): PEFT's ``get_peft_model`` where PEFT has the method (LoRA
+  r=16 on all linear layers, 32 prefix or prompt tokens, P-tuning's MLP encoder, (IA)³ with its
+  Llama defaults), plain torch where it has not (Houlsby adapters as forward hooks, BitFit's
+  biases).
 - ``torch.compile``: the compiled reference, on CUDA only (there the eval-mode check below
   compiles a second graph; the 3 warm-up steps absorb the train-mode one). It works on CPU too,
   but compiling is too slow for the suite's budget (~90 s for the whole end-to-end part) on this
   2-core machine: 42 s for the first call of the LoRA reference at the CPU default shape, 14-26 s
   per method even at the quick shape, and for LoRA as much again for the train-mode graph (dropout
   on) after the eval-mode check.
-- ``deltakern-<backend>``: the same model with ``deltakern.add_lora`` / ``add_prefix`` /
-  ``add_adapters`` / ``add_prompt`` / ``add_bitfit(add_missing_biases=True)`` / ``add_ia3`` and the ops forced to
-  ``backend`` with :func:`deltakern.use_backend`. Prompt tuning, P-tuning and BitFit use no
-  deltakern kernel (virtual tokens are a concatenation before the first layer; BitFit trains biases
-  ``nn.Linear`` already adds), so their ratio to the reference is expected near 1.0: these rows
-  show what the methods cost in the same loop, and that deltakern adds nothing to it.
+- ``deltakern-<backend>``: the same model with the method's ``deltakern`` builder (``add_lora``,
+  ``add_prefix``, ...) and the ops forced to ``backend`` with :func:`deltakern.use_backend`. Prompt
+  tuning, P-tuning and BitFit use no deltakern kernel (virtual tokens are a concatenation before
+  the first layer; BitFit trains biases ``nn.Linear`` already adds), so their ratio to the
+  reference is expected near 1.0: these rows show what the methods cost in the same loop, and that
+  deltakern adds nothing to it.
 
 Both models have the same base weights (one seeded build, copied) and the same delta weights (the
-reference's copied into deltakern's; LoRA's B drawn non-zero so the LoRA path matters, and the
-(IA)³ vectors drawn around 1 instead of all ones so a missing scale shows; BitFit's biases stay
-zero on both sides, as ``add_bitfit`` adds them). ``check``
+reference's, drawn by the method so that every path matters, copied into deltakern's). ``check``
 compares the loss and every delta parameter's gradient with the eager reference's in the same
 dtype, with dropout off in both (eval mode): LoRA dropout draws its masks from different generators
 (torch's for PEFT, Philox for deltakern), so with dropout on the two steps differ by design. The
@@ -59,17 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .benchmark import check_close, saved_tensors_bytes
+from ..registry import methods
+from .harness import BenchSuite, check_close, saved_tensors_bytes
 
-METHODS = ("lora", "prefix", "adapter", "prompt", "ptuning", "bitfit", "ia3")
-LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
-PREFIX_TOKENS = 32
-PROMPT_TOKENS = 32
-ADAPTER_BOTTLENECK = 64
-# LoRA's B starts at zero (PEFT and deltakern alike), which would make the LoRA path's output and
-# A's gradient zero; the benchmark draws B like the base layers (HF's initializer_range).
-LORA_B_STD = 0.02
-IA3_STD = 0.1
 LEARNING_RATE = 1e-4
 _SEED = 0
 # Loss and each delta gradient, relative to the largest magnitude of the reference's tensor:
@@ -97,8 +80,8 @@ class E2EShape:
     batch: int
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"E2EShape: unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method not in methods():
+            raise ValueError(f"E2EShape: unknown method {self.method!r}; expected one of {', '.join(methods())}")
         for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq", "batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -112,7 +95,7 @@ class E2EShape:
 
 
 def _shapes(hidden, layers, heads, kv_heads, intermediate, vocab, seq, batch) -> tuple[E2EShape, ...]:
-    return tuple(E2EShape(method, hidden, layers, heads, kv_heads, intermediate, vocab, seq, batch) for method in METHODS)
+    return tuple(E2EShape(method, hidden, layers, heads, kv_heads, intermediate, vocab, seq, batch) for method in methods())
 
 
 # Head size 64 (CPU) / 128 (CUDA), grouped-query attention with 4 query heads per key/value head
@@ -136,23 +119,6 @@ def _require_hf():
     return transformers, peft
 
 
-class _HoulsbyAdapter(nn.Module):
-    """The eager reference adapter: ``y + up(relu(down(y)))``, weights ``down [r, d]``, ``up [d, r]``."""
-
-    def __init__(self, d_model: int, bottleneck: int):
-        super().__init__()
-        self.down = nn.Linear(d_model, bottleneck)
-        self.up = nn.Linear(bottleneck, d_model)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return y + self.up(torch.relu(self.down(y)))
-
-
-def _houlsby_targets(layers: int) -> list[str]:
-    """Where Houlsby puts adapters in a LlamaForCausalLM: after each attention and FFN output projection."""
-    return [f"model.layers.{i}.{name}" for i in range(layers) for name in ("self_attn.o_proj", "mlp.down_proj")]
-
-
 class _Step:
     """A provider: calling it runs the forward with labels on ``model`` and returns the loss;
     ``backend`` (if any) is forced with ``deltakern.use_backend`` around the forward (the op's
@@ -167,7 +133,7 @@ class _Step:
                 # PEFT's prefix tuning passes ``past_key_values``, which transformers 5 deprecates.
                 warnings.simplefilter("ignore", FutureWarning)
                 return self.call(**self.inputs).loss
-        from .backend import use_backend
+        from ..backend import use_backend
 
         with use_backend(self.backend):
             return self.call(**self.inputs).loss
@@ -198,15 +164,23 @@ class E2ECase:
         config = transformers.LlamaConfig(
             vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
             num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=shape.seq + max(PREFIX_TOKENS, PROMPT_TOKENS), use_cache=False)
+            max_position_embeddings=shape.seq + max(m.e2e.virtual_tokens for m in methods().values()), use_cache=False)
         torch.manual_seed(_SEED)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             base = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
         ours = copy.deepcopy(base)
-        self.reference = self._reference(base).train()
-        self.model = self._deltakern(ours).train()
-        self.pairs = self._delta_pairs()
+        providers = methods()[shape.method].e2e
+        torch.manual_seed(_SEED + 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.reference = providers.reference(base).train()
+        self.model = providers.deltakern(ours).train()
+        self.pairs = providers.pairs(self.reference, self.model)
+        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+        if trainable != {id(mine) for _, _, mine in self.pairs}:
+            raise RuntimeError(f"E2ECase: deltakern's trainable parameters do not pair up with the reference's "
+                               f"({len(trainable)} trainable, {len(self.pairs)} pairs)")
         self._initial = [reference.detach().clone() for _, reference, _ in self.pairs]
         self._load_initial()
         g = torch.Generator().manual_seed(_SEED + 1)
@@ -215,125 +189,12 @@ class E2ECase:
         self._optimizers: dict[int, torch.optim.Optimizer] = {}
         self._expected: dict[str, torch.Tensor] | None = None
 
-    # -- models -----------------------------------------------------------------------------
-
-    def _reference(self, base: nn.Module) -> nn.Module:
-        _, peft = _require_hf()
-        method = self.shape.method
-        if method == "adapter":
-            base.requires_grad_(False)
-            torch.manual_seed(_SEED + 2)
-            adapters = nn.ModuleList()
-            for name in _houlsby_targets(self.shape.layers):
-                adapter = _HoulsbyAdapter(self.shape.hidden, ADAPTER_BOTTLENECK).to(device=self.device, dtype=self.dtype)
-                # Houlsby's init (near the identity), with non-zero biases so their gradients are checked too.
-                for parameter in adapter.parameters():
-                    nn.init.normal_(parameter, std=1e-2)
-                adapters.append(adapter)
-                base.get_submodule(name).register_forward_hook(lambda module, args, out, a=adapter: a(out))
-            base.add_module("houlsby_adapters", adapters)
-            return base
-        if method == "bitfit":
-            base.requires_grad_(False)
-            for module in base.modules():
-                if isinstance(module, nn.Linear) and module.bias is None:
-                    weight = module.weight
-                    module.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
-            return base
-        if method == "ia3":
-            config = peft.IA3Config(task_type="CAUSAL_LM")
-        elif method == "lora":
-            config = peft.LoraConfig(task_type="CAUSAL_LM", r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-                                     target_modules="all-linear")
-        elif method == "prefix":
-            config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_TOKENS)
-        elif method == "prompt":
-            config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS)
-        else:
-            config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=PROMPT_TOKENS,
-                                              encoder_reparameterization_type="MLP")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = peft.get_peft_model(base, config)
-        torch.manual_seed(_SEED + 2)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if method == "lora" and "lora_B" in name:
-                    parameter.normal_(0.0, LORA_B_STD)
-                elif method == "ia3" and "ia3_l" in name:
-                    parameter.normal_(1.0, IA3_STD)
-        return model
-
-    def _deltakern(self, base: nn.Module) -> nn.Module:
-        from . import add_adapters, add_bitfit, add_ia3, add_lora, add_prefix, add_prompt
-
-        method = self.shape.method
-        if method == "lora":
-            return add_lora(base, r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, target_modules="all-linear")
-        if method == "prefix":
-            return add_prefix(base, PREFIX_TOKENS)
-        if method == "prompt":
-            return add_prompt(base, PROMPT_TOKENS)
-        if method == "ptuning":
-            return add_prompt(base, PROMPT_TOKENS, encoder="mlp")
-        if method == "bitfit":
-            return add_bitfit(base, add_missing_biases=True)
-        if method == "ia3":
-            return add_ia3(base)
-        return add_adapters(base, bottleneck=ADAPTER_BOTTLENECK, placement="houlsby", activation="relu", scaling=1.0)
-
-    def _delta_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
-        """``(name, reference parameter, deltakern parameter)`` for every delta parameter; the two
-        hold the same values, in the same shape but for the (IA)³ vectors (PEFT's ``[out, 1]`` or
-        ``[1, in]``, deltakern's 1-D)."""
-        method = self.shape.method
-        if method == "lora":
-            from peft.tuners.lora import LoraLayer
-
-            base = self.reference.get_base_model()
-            layers = [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]
-            pairs = []
-            for name, layer in layers:
-                ours = self.model.get_submodule(name)
-                pairs.append((f"{name}.lora_A", layer.lora_A["default"].weight, ours.lora_A))
-                pairs.append((f"{name}.lora_B", layer.lora_B["default"].weight, ours.lora_B))
-        elif method == "prefix":
-            pairs = [("prefix.embedding", self.reference.prompt_encoder["default"].embedding.weight,
-                      self.model.deltakern_prefix.embedding.weight)]
-        elif method in ("prompt", "ptuning"):
-            # PEFT's PromptEncoder and deltakern's share parameter names and shapes (embedding, mlp_head.*).
-            ours = dict(self.model.deltakern_prompt.named_parameters())
-            theirs = dict(self.reference.prompt_encoder["default"].named_parameters())
-            if set(ours) != set(theirs):
-                raise RuntimeError(f"E2ECase: deltakern's prompt parameters {sorted(ours)} are not PEFT's {sorted(theirs)}")
-            pairs = [(f"prompt.{name}", parameter, ours[name]) for name, parameter in theirs.items()]
-        elif method == "ia3":
-            from peft.tuners.ia3 import IA3Layer
-
-            base = self.reference.get_base_model()
-            pairs = [(f"{name}.ia3_l", layer.ia3_l["default"], self.model.get_submodule(name).ia3_l)
-                     for name, layer in base.named_modules() if isinstance(layer, IA3Layer)]
-        elif method == "bitfit":
-            pairs = [(f"{name}.bias", module.bias, self.model.get_submodule(name).bias)
-                     for name, module in self.reference.named_modules() if isinstance(module, nn.Linear)]
-        else:
-            pairs = []
-            for name, theirs in zip(_houlsby_targets(self.shape.layers), self.reference.houlsby_adapters):
-                ours = self.model.get_submodule(name).adapter
-                for key in ("down.weight", "down.bias", "up.weight", "up.bias"):
-                    pairs.append((f"{name}.adapter.{key}", theirs.get_parameter(key), ours.get_parameter(key)))
-        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
-        if trainable != {id(ours) for _, _, ours in pairs}:
-            raise RuntimeError(f"E2ECase: deltakern's trainable parameters do not pair up with the reference's "
-                               f"({len(trainable)} trainable, {len(pairs)} pairs)")
-        return pairs
-
     def _load_initial(self) -> None:
         """Give both models the delta weights they started with (timed steps move them)."""
         with torch.no_grad():
             for (_, reference, ours), initial in zip(self.pairs, self._initial):
                 reference.copy_(initial)
-                ours.copy_(initial.reshape(ours.shape))  # PEFT keeps (IA)³ vectors 2-D, deltakern 1-D
+                ours.copy_(initial.reshape(ours.shape))  # a method's two layouts may differ (its pairs say)
 
     # -- providers --------------------------------------------------------------------------
 
@@ -410,6 +271,4 @@ class E2ECase:
         return saved_tensors_bytes(fn, exclude=list(fn.model.parameters()))
 
 
-def e2e_cases(shapes: Iterable[E2EShape], dtype: torch.dtype, device: str) -> list[E2ECase]:
-    """One :class:`E2ECase` per shape (each builds its two models)."""
-    return [E2ECase(shape, dtype, device) for shape in shapes]
+SUITE = BenchSuite("e2e", E2EShape, E2E_DEFAULT_SHAPES, E2E_QUICK_SHAPES, E2ECase)
