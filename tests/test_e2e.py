@@ -79,7 +79,7 @@ def test_same_base_and_delta_weights(cases):
     assert len(lora.pairs) == 2 * 7 * SHAPES["lora"].layers  # q, k, v, o, gate, up, down; not lm_head
     assert all(mine.abs().max() > 0 for name, _, mine in lora.pairs if name.endswith("lora_B"))
     layers = [m for m in lora.model.modules() if isinstance(m, LoRALinear)]
-    assert {m.dropout for m in layers} == {lora_method.E2E_DROPOUT}
+    assert {m.dropout_p for m in layers} == {lora_method.E2E_DROPOUT_P}
     assert {(m.r, m.scaling) for m in layers} == {(16, 2.0)}
     assert cases["prefix"].pairs[0][2].shape[0] == prefix_method.E2E_VIRTUAL_TOKENS
     assert len(cases["adapter"].pairs) == 4 * 2 * SHAPES["adapter"].layers

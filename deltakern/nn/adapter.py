@@ -7,8 +7,9 @@ import math
 import torch
 from torch import nn
 
-from ..ops.adapter import adapter
 from ..activations import check_activation
+from ..ops.adapter import adapter
+from .delta import DeltaModule
 
 INITS = ("houlsby", "lora")
 # Houlsby et al. draw both projections near zero so that a freshly inserted adapter is nearly
@@ -16,7 +17,7 @@ INITS = ("houlsby", "lora")
 HOULSBY_STD = 1e-2
 
 
-class Adapter(nn.Module):
+class Adapter(DeltaModule):
     """``out = residual + scaling · up(act(down(h)))`` with ``down: d_model → bottleneck`` and
     ``up: bottleneck → d_model`` as ``nn.Linear`` layers (weights ``[r, d]`` and ``[d, r]``).
 

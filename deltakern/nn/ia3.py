@@ -48,6 +48,9 @@ class IA3Linear(WrappedLinear):
         size = self.in_features if feedforward else self.out_features
         self.ia3_l = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=base.weight.dtype))
 
+    def delta_parameters(self):
+        return iter((self.ia3_l,))
+
     def reset_ia3_parameters(self) -> None:
         nn.init.ones_(self.ia3_l)
 

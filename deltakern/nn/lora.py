@@ -36,27 +36,30 @@ class LoRALinear(WrappedLinear):
     Shapes: input ``[..., in]``, output ``[..., out]``.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout_p: float = 0.0, use_rslora: bool = False):
         super().__init__(base, "deltakern.nn.LoRALinear")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"deltakern.nn.LoRALinear: r must be an int >= 1, got {r!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"deltakern.nn.LoRALinear: dropout must be in [0, 1), got {dropout!r}")
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"deltakern.nn.LoRALinear: dropout_p must be in [0, 1), got {dropout_p!r}")
         self.r = r
         self.alpha = alpha
-        self.dropout = float(dropout)
+        self.dropout_p = float(dropout_p)
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.reset_lora_parameters()
 
+    def delta_parameters(self):
+        return iter((self.lora_A, self.lora_B))
+
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.dropout if self.training else 0.0
+        p = self.dropout_p if self.training else 0.0
         weight = self.base_layer.weight.t() if self.fan_in_fan_out else self.base_layer.weight
         return lora_linear(x, weight, self.base_layer.bias, self.lora_A, self.lora_B, self.scaling, p)
 
@@ -71,5 +74,5 @@ class LoRALinear(WrappedLinear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"scaling={self.scaling:g}, dropout={self.dropout:g}"
+            f"scaling={self.scaling:g}, dropout_p={self.dropout_p:g}"
         )

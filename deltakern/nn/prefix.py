@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .delta import DeltaModule
 
-class PrefixEncoder(nn.Module):
+
+class PrefixEncoder(DeltaModule):
     """Per-layer key and value prefixes, laid out as PEFT's prefix tuning lays them out.
 
     ``num_virtual_tokens`` (P) trainable positions give every layer a key prefix and a value

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .delta import DeltaModule
+
 # P-tuning's reparameterisations, by add_prompt's name, with PEFT's encoder_reparameterization_type.
 ENCODERS = {"lstm": "LSTM", "mlp": "MLP"}
 
 
-class PromptEncoder(nn.Module):
+class PromptEncoder(DeltaModule):
     """The virtual tokens of prompt tuning, optionally reparameterised by P-tuning's prompt encoder.
 
     ``embedding``: ``nn.Embedding(S·P, D)``. With ``encoder="lstm"``: ``lstm_head`` (bidirectional

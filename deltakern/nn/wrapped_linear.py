@@ -1,11 +1,13 @@
-"""``WrappedLinear``: what the delta modules that wrap a linear layer share (``LoRALinear``,
-``IA3Linear``): the base layer, its geometry for an ``nn.Linear`` or transformers' ``Conv1D``, and
-the base's ``weight`` and ``bias`` exposed as the wrapper's own."""
+"""``WrappedLinear``: what the delta modules that wrap a linear layer share: the base layer, its
+geometry for an ``nn.Linear`` or transformers' ``Conv1D``, and the base's ``weight`` and ``bias``
+exposed as the wrapper's own."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .delta import DeltaModule
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -20,11 +22,12 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
-class WrappedLinear(nn.Module):
+class WrappedLinear(DeltaModule):
     """Holds ``base`` (an ``nn.Linear``, weight ``[out, in]``, or a ``Conv1D``, weight ``[in, out]``)
     as ``base_layer``; ``fan_in_fan_out`` is True for a ``Conv1D`` (PEFT's name for that layout).
 
-    ``owner`` names the subclass in the error raised for any other base.
+    ``owner`` names the subclass in the error raised for any other base. A subclass's
+    ``delta_parameters`` are its own, never the base layer's.
     """
 
     def __init__(self, base: nn.Module, owner: str):

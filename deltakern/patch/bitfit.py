@@ -20,7 +20,7 @@ The marker
 Each module whose ``bias`` BitFit trains carries the attribute ``_deltakern_bitfit`` (``"existing"``
 or ``"added"``). A module attribute survives ``copy.deepcopy``, pickling and ``.to()``, and stays on
 the module when ``add_lora`` or ``add_adapters`` later wrap it (the bias parameter object is
-unchanged, so ``LoRALinear`` hands it to ``lora_linear``, which computes its gradient in the same
+unchanged, so ``LoRALinear`` hands it to its fused op, which computes its gradient in the same
 pass as the LoRA gradients). ``freeze_base`` keeps such biases trainable when another method is
 added after BitFit.
 
@@ -212,6 +212,8 @@ def _e2e_reference(base: nn.Module) -> nn.Module:
     return base
 
 
+# BitFit names its biases without the wrappers' ".base_layer", so it loads into any structure:
+# after PEFT's part and the adapters.
 register_method(MethodSpec(
     name="bitfit", label="BitFit biases", present=has_bitfit,
     checkpoint=OwnFormat("deltakern_bitfit", save=bitfit_checkpoint, load=load_bitfit, load_order=1),

@@ -77,9 +77,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Add the delta modules a checkpoint at ``path`` describes to the plain base ``model``, load
     their weights and return the model, ready to run (in eval mode, base frozen).
 
-    Reads PEFT's LoRA, IA3, prefix-tuning, prompt-tuning and P-tuning checkpoints (written by PEFT or by
-    :func:`save`) and deltakern's adapter and BitFit files. Another PEFT type raises
-    ``ValueError`` naming it.
+    Reads the formats the methods declare: PEFT checkpoints of the types they read (written by
+    PEFT or by :func:`save`) and deltakern's own files, those that wrap base layers (adapters)
+    first. Another PEFT type raises ``ValueError`` naming it and the types deltakern reads.
     """
     peft, own = _formats()
     own_found = [m for m in own if os.path.isfile(os.path.join(path, f"{m.checkpoint.stem}.json"))]

@@ -8,22 +8,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..nn import Adapter, IA3Linear, LoRALinear, PrefixEncoder, PromptEncoder
+from ..nn.delta import DeltaModule
 
-# The parameters of these modules are the delta; everything else in a patched model is the
-# frozen base. The base layers of LoRALinear and IA3Linear are part of the base.
-DELTA_MODULES = (LoRALinear, IA3Linear, PrefixEncoder, Adapter, PromptEncoder)
+# PEFT's prefix of every key in a saved state dict (PeftModel.base_model is a tuner model whose
+# .model is the wrapped model); the adapter name ("default") is not part of saved keys.
+PEFT_KEY_PREFIX = "base_model.model."
 
 
 def delta_parameter_ids(model: nn.Module) -> set[int]:
+    """Ids of the delta parameters of ``model``: those of its delta modules (a wrapper's own, not
+    its base layer's), and the biases BitFit trains; everything else is the frozen base."""
     ids: set[int] = set()
     for module in model.modules():
-        if isinstance(module, LoRALinear):
-            ids.update((id(module.lora_A), id(module.lora_B)))
-        elif isinstance(module, IA3Linear):
-            ids.add(id(module.ia3_l))
-        elif isinstance(module, (PrefixEncoder, Adapter, PromptEncoder)):
-            ids.update(id(p) for p in module.parameters())
+        if isinstance(module, DeltaModule):
+            ids.update(id(p) for p in module.delta_parameters())
         # A bias add_bitfit trains; the marker is on the owning module (it survives deepcopy, a
         # parameter attribute does not) and read from __dict__ (adapter wrappers forward getattr).
         if module.__dict__.get("_deltakern_bitfit"):

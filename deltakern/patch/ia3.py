@@ -20,8 +20,8 @@ from torch import nn
 
 from ..nn import IA3Linear
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
-from .common import freeze_base, peft_config_fields, peft_task_type, replace_submodule
-from .lora import PEFT_KEY_PREFIX, _resolve_targets
+from .common import PEFT_KEY_PREFIX, freeze_base, peft_config_fields, peft_task_type, replace_submodule
+from .targets import resolve_targets
 
 # PEFT's default (IA)³ targets and feedforward layers for the model types of deltakern's families
 # (``model.config.model_type``): keys and values, and the FFN's down projection. T5's default
@@ -120,7 +120,7 @@ def add_ia3(model: nn.Module, target_modules: str | list[str] | None = None,
     caller = "deltakern.add_ia3"
     given_feedforward = feedforward_modules is not None
     target_modules, feedforward_modules = _with_defaults(caller, model, target_modules, feedforward_modules)
-    names = _resolve_targets(model, target_modules, None, caller, strict=True)
+    names = resolve_targets(model, target_modules, None, caller, strict=True)
     # PEFT's default feedforward layers may lie outside a target list the caller chose (then no
     # layer is feedforward); entries the caller wrote must each name a targeted layer.
     if given_feedforward and not isinstance(feedforward_modules, str):
@@ -196,7 +196,7 @@ def load_peft_ia3(model: nn.Module, config: dict, state: dict) -> nn.Module:
                                       f"loads IA3 checkpoints with {option}={plain!r}")
     target_modules, feedforward_modules = _with_defaults(caller, model, config.get("target_modules"),
                                                          config.get("feedforward_modules"))
-    names = _resolve_targets(model, target_modules, config.get("exclude_modules"), caller, strict=False)
+    names = resolve_targets(model, target_modules, config.get("exclude_modules"), caller, strict=False)
     _wrap(model, names, feedforward_modules)
     expected = {f"{PEFT_KEY_PREFIX}{name}.ia3_l": model.get_submodule(name) for name in names}
     missing = sorted(set(expected) - set(state))

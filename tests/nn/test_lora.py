@@ -62,7 +62,7 @@ def test_initialisation_matches_peft():
 
 
 def test_dropout_only_in_training():
-    layer = LoRALinear(torch.nn.Linear(32, 8), r=4, alpha=8, dropout=0.5)
+    layer = LoRALinear(torch.nn.Linear(32, 8), r=4, alpha=8, dropout_p=0.5)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(6, 32)
     layer.eval()
@@ -76,7 +76,7 @@ def test_dropout_only_in_training():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"r": 0}, "r must be an int >= 1"), ({"dropout": 1.0}, r"dropout must be in \[0, 1\)")],
+    [({"r": 0}, "r must be an int >= 1"), ({"dropout_p": 1.0}, r"dropout_p must be in \[0, 1\)")],
 )
 def test_bad_arguments(kwargs, message):
     args = {"r": 4, "alpha": 8, **kwargs}
