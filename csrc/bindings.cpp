@@ -1,25 +1,17 @@
 // Schemas of the deltakern ops, their CPU and CUDA kernels, and the Python module deltakern._C,
 // which holds no functions: importing it loads the library and registers the ops, and its
-// attributes say how it was built.
+// attributes say how it was built and name the activation codes.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
-#include "kernels.h"
-
-namespace deltakern {
-std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias,
-                                                   const at::Tensor& lora_A,
-                                                   const at::Tensor& lora_B, double scaling,
-                                                   double dropout_p, const at::Tensor& seed);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
-    double dropout_p, const at::Tensor& seed);
-}  // namespace deltakern
+#include "adapter.h"
+#include "deltakern/activations.h"
+#include "ia3_linear.h"
+#include "lora_linear.h"
+#include "prefix_attention.h"
 
 // The dropout seed is a one-element int64 CPU tensor rather than an int, so that drawing it
 // (torch.randint) stays inside a torch.compile graph instead of breaking it with .item().
@@ -55,8 +47,8 @@ TORCH_LIBRARY(deltakern, m) {
 }
 
 TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
-  m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd);
-  m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd);
+  m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd_cpu);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cpu);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cpu);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cpu);
@@ -67,8 +59,8 @@ TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
 
 #ifdef DELTAKERN_WITH_CUDA
 TORCH_LIBRARY_IMPL(deltakern, CUDA, m) {
-  m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd);
-  m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd);
+  m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd_cuda);
+  m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd_cuda);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cuda);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cuda);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cuda);
@@ -86,10 +78,31 @@ static PyModuleDef deltakern_c_module = {PyModuleDef_HEAD_INIT, "_C",
                                          "deltakern native kernels (ops under torch.ops.deltakern)",
                                          -1, nullptr};
 
+// deltakern._C.activations: the names of the activation codes, in code order, as a tuple of str
+// (kActivationNames of activations.h; tests/test_activations.py compares it with
+// deltakern.activations.ACTIVATIONS). A new reference, or nullptr with the Python error set.
+static PyObject* activation_names() {
+  PyObject* names = PyTuple_New(deltakern::kNumActivations);
+  if (names == nullptr) return nullptr;
+  for (int code = 0; code < deltakern::kNumActivations; ++code) {
+    PyObject* name = PyUnicode_FromString(deltakern::kActivationNames[code]);
+    if (name == nullptr) {
+      Py_DECREF(names);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(names, code, name);
+  }
+  return names;
+}
+
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&deltakern_c_module);
   if (module == nullptr) return nullptr;
-  if (PyModule_AddObject(module, "has_cpu_kernels", Py_NewRef(Py_True)) < 0 ||
+  PyObject* activations = activation_names();
+  const int added_activations =
+      activations != nullptr ? PyModule_AddObjectRef(module, "activations", activations) : -1;
+  Py_XDECREF(activations);
+  if (added_activations < 0 || PyModule_AddObject(module, "has_cpu_kernels", Py_NewRef(Py_True)) < 0 ||
       PyModule_AddObject(module, "has_cuda_kernels",
                          Py_NewRef(DELTAKERN_HAS_CUDA_KERNELS ? Py_True : Py_False)) < 0 ||
       PyModule_AddStringConstant(module, "cuda_archs", DELTAKERN_CUDA_ARCHS) < 0) {

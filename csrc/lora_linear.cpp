@@ -1,6 +1,7 @@
 // lora_linear forward and backward as one device-neutral decomposition: the GEMMs go through
 // ATen (MKL/oneDNN on CPU, cuBLAS on CUDA, accumulating into the output with beta = 1), the
-// dropout parts through the fused kernels of csrc/cpu or csrc/cuda.
+// dropout parts through the fused kernels the device's entry point passes in (csrc/cpu,
+// csrc/cuda).
 //
 // Inputs arrive 2-D and validated by deltakern/ops/lora_linear.py; the checks here only guard
 // direct calls of torch.ops.deltakern.*.
@@ -9,7 +10,7 @@
 #include <optional>
 #include <tuple>
 
-#include "kernels.h"
+#include "lora_linear.h"
 
 namespace deltakern {
 namespace {
@@ -24,45 +25,14 @@ int64_t read_seed(const at::Tensor& seed) {
   return seed.item<int64_t>();
 }
 
-void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed,
-                    at::Tensor& xa) {
-  if (x.is_cuda()) {
-#ifdef DELTAKERN_WITH_CUDA
-    lora_dropout_shrink_cuda(x, lora_A, p, seed, xa);
-    return;
-#else
-    TORCH_CHECK(false, "deltakern._C was built without CUDA kernels");
-#endif
-  }
-  lora_dropout_shrink_cpu(x, lora_A, p, seed, xa);
-}
-
-void dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A,
-                               double p, int64_t seed, at::Tensor& dx, at::Tensor& d_lora_A) {
-  if (x.is_cuda()) {
-#ifdef DELTAKERN_WITH_CUDA
-    // The low-rank term from cuBLAS, masked in place by one element-wise kernel that also
-    // writes drop(x) for the dA GEMM.
-    at::mm_out(dx, dxa, lora_A);
-    at::Tensor x_dropped = at::empty_like(x);
-    lora_dropout_backward_cuda(x, dx, x_dropped, p, seed);
-    at::mm_out(d_lora_A, dxa.t(), x_dropped);
-    return;
-#else
-    TORCH_CHECK(false, "deltakern._C was built without CUDA kernels");
-#endif
-  }
-  lora_dropout_lowrank_backward_cpu(x, dxa, lora_A, p, seed, dx, d_lora_A);
-}
-
 }  // namespace
 
-// out [M, N] = x W^T + b + s * xa B^T with xa [M, R] = drop(x) A^T; returns (out, xa).
-std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x_in, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias,
-                                                   const at::Tensor& lora_A_in,
-                                                   const at::Tensor& lora_B, double scaling,
-                                                   double dropout_p, const at::Tensor& seed_tensor) {
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_gemms(const at::Tensor& x_in, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& lora_A_in, const at::Tensor& lora_B,
+                                                         double scaling, double dropout_p,
+                                                         const at::Tensor& seed_tensor,
+                                                         const LoraDropoutKernels& dropout) {
   check_2d(x_in, "x");
   check_2d(lora_A_in, "lora_A");
   const int64_t seed = read_seed(seed_tensor);
@@ -71,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x_in, const
   at::Tensor xa;
   if (dropout_p > 0.0) {
     xa = at::empty({x.size(0), lora_A.size(0)}, x.options());
-    dropout_shrink(x, lora_A, dropout_p, seed, xa);
+    dropout.shrink(x, lora_A, dropout_p, seed, xa);
   } else {
     xa = at::mm(x, lora_A.t());
   }
@@ -88,11 +58,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x_in, const
   return {out, xa};
 }
 
-// Returns (dx [M, K], dA [R, K], dB [N, R]) for grad_out [M, N].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_gemms(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,
-    double dropout_p, const at::Tensor& seed_tensor) {
+    double dropout_p, const at::Tensor& seed_tensor, const LoraDropoutKernels& dropout) {
   check_2d(grad_out_in, "grad_out");
   check_2d(x_in, "x");
   const int64_t seed = read_seed(seed_tensor);
@@ -109,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
     // dx starts as the masked low-rank term, then takes dY W with beta = 1.
     dx = at::empty_like(x);
     dA = at::empty(lora_A.sizes(), lora_A.options());
-    dropout_lowrank_backward(x, dxa, lora_A.contiguous(), dropout_p, seed, dx, dA);
+    dropout.lowrank_backward(x, dxa, lora_A.contiguous(), dropout_p, seed, dx, dA);
     dx.addmm_(grad_out, weight);
   } else {
     dA = at::mm(dxa.t(), x);

@@ -12,8 +12,8 @@
 //             db_up = s·Σ dOut (and dh = dOut when the residual is h)   pass over [rows, d]
 //             dh (+)= dpre w_down                                       GEMM, accumulating
 // The block GEMMs run single-threaded inside the parallel region: oneDNN's brgemm microkernel
-// for fp32 (ATen's at::native::cpublas::brgemm), ATen's GEMM (MKL, oneDNN for bf16) for fp64
-// and bf16 (block_gemm). So h, dOut and residual are read from memory once, out and dh written
+// for fp32 (brgemm of blocks.h), ATen's GEMM (MKL, oneDNN for bf16) for fp64 and bf16
+// (block_gemm). So h, dOut and residual are read from memory once, out and dh written
 // once, and the only element-wise work on [M, d] is the output initialisation (which the up GEMM
 // then accumulates into while the block is in cache) and the read of dOut for db_up (on the
 // block the dz GEMM has just read, also writing dh's residual term).
@@ -25,11 +25,11 @@
 // F.linear, scale, add): 9.3-9.6 ms against 27.5-29.5 ms (0.33x); forward alone 3.1 ms against
 // 6.8 ms. With whole-tensor MKL GEMMs and separate passes the step took 19.6-22 ms (0.76-0.85x).
 // The activations and their derivatives are the formulas of deltakern/activations.h; fp32 and
-// bf16 evaluate them in 16-lane fp32 vectors (GCC vector extensions, compiled for AVX-512, AVX2
-// and the baseline and picked at load time, as in prefix_attention.cpp) with the exp, erf and
-// tanh of VecMath below; fp64 (for gradcheck) runs them in scalars with the C library's
-// functions. bf16 is loaded to fp32, computed in fp32 and rounded once per stored value. The
-// bias gradients sum the unrounded values in fp64 (sum_partials).
+// bf16 evaluate them in 16-lane fp32 vectors (vec16.h: GCC vector extensions, compiled for
+// AVX-512, AVX2 and the baseline and picked at load time) with the exp, erf and tanh of VecMath
+// below; fp64 (for gradcheck) runs them in scalars with the C library's functions. bf16 is
+// loaded to fp32, computed in fp32 and rounded once per stored value. The bias gradients sum the
+// unrounded values in fp64 (PartialSums of blocks.h, whose NOTE gives the reason).
 // The vector helpers below take and return 64-byte vectors, always inlined into the clones that
 // use them (so the psABI note on passing such vectors without AVX-512 never applies); silenced
 // before the includes, since activations.h's formulas are instantiated on them too.
@@ -38,7 +38,6 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -48,16 +47,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "adapter.h"
+#include "blocks.h"
 #include "deltakern/activations.h"
-#include "kernels.h"
 #include "vec16.h"
 
 namespace deltakern {
 namespace {
 
 constexpr const char* kOp = "deltakern.adapter";
-
-#define DELTAKERN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 using namespace vec16;
 
@@ -274,42 +272,16 @@ constexpr int64_t kGrain = 1 << 14;
 // back for the column sums while it is in cache).
 constexpr int64_t kSumRows = 64;
 
-// Calls f(task, row_begin, row_end) for `tasks` contiguous shares of [0, M) in parallel:
-// one task per thread, fewer for small M. The split depends only on M and the thread count, so
-// results are reproducible run to run.
-template <typename F>
-void for_each_row_task(int64_t M, int64_t tasks, F&& f) {
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) f(t, M * t / tasks, M * (t + 1) / tasks);
-  });
-}
-
+// Tasks of for_each_share over M rows of `cols` elements each: one per thread, fewer for small M.
 int64_t row_tasks(int64_t M, int64_t cols) {
   const int64_t min_rows = std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (M + min_rows - 1) / min_rows));
 }
 
-// scale · Σ over tasks of the fp64 partial sums [tasks, n], as a new [n] tensor of dtype
-// `options`. NOTE the bias gradients, sums over M, accumulate in fp64: with fp32 running sums
-// (in blocks of 64 rows), db_down for r = 1 came out 3 to 13 times eager PyTorch's error (whose
-// sum is pairwise) in 3 of 160 fp32 cases at M = 1000 and 2053; in fp64 none is above twice
-// it, and the column sums still take no measurable time next to the GEMMs.
-at::Tensor sum_partials(const std::vector<double>& partial, int64_t tasks, int64_t n, double scale,
-                        const at::TensorOptions& options) {
-  at::Tensor sum = at::zeros({n}, options.dtype(at::kDouble));
-  double* out = sum.data_ptr<double>();
-  for (int64_t t = 0; t < tasks; ++t) {
-    for (int64_t j = 0; j < n; ++j) out[j] += partial[t * n + j];
-  }
-  for (int64_t j = 0; j < n; ++j) out[j] *= scale;
-  return sum.to(options.dtype());
-}
-
 // ---------------------------------------------------------------------------------------
 // Block GEMMs: C[M, N] = (accumulate ? C : 0) + A[M, K] B[K, N] on row-major blocks given by
 // raw pointers and leading dimensions, called single-threaded from inside the parallel
-// regions. fp32 goes through at::native::cpublas::brgemm (oneDNN's AVX-512 / AMX microkernel,
-// MKL's GEMM where oneDNN's ukernel is unavailable), as in prefix_attention.cpp. NOTE: on this
+// regions. fp32 goes through brgemm (blocks.h: oneDNN's microkernel). NOTE: on this
 // machine (AMD EPYC, AVX-512) the four backward GEMMs of 2048 rows (d=1024, r=64) in blocks of
 // 128 rows took 4.5 ms on one thread through brgemm and 10.6 ms through at::mm_out / addmm_
 // on the same blocks (MKL takes its AVX2 "zen" path on AMD and packs both operands per call).
@@ -317,24 +289,15 @@ at::Tensor sum_partials(const std::vector<double>& partial, int64_t tasks, int64
 // C per call).
 void block_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                 float* C, int64_t ldc, bool accumulate) {
-  // oneDNN cannot set up a microkernel for an empty extent (std::bad_alloc at d = 0).
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
-    }
-    return;
-  }
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+  brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 template <typename scalar_t>
 void block_gemm_aten(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda, const scalar_t* B,
                      int64_t ldb, scalar_t* C, int64_t ldc, bool accumulate) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  const at::Tensor a = at::from_blob(const_cast<scalar_t*>(A), {M, K}, {lda, 1}, options);
-  const at::Tensor b = at::from_blob(const_cast<scalar_t*>(B), {K, N}, {ldb, 1}, options);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
+  const at::Tensor a = block_view(A, M, K, lda);
+  const at::Tensor b = block_view(B, K, N, ldb);
+  at::Tensor c = block_view(C, M, N, ldc);
   if (accumulate) {
     c.addmm_(a, b);
   } else {
@@ -379,14 +342,6 @@ void block_gemm_chunked(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
   }
 }
 
-// dst[cols, rows] = src[rows, cols]ᵀ (both contiguous).
-template <typename scalar_t>
-void transpose_block(const scalar_t* src, int64_t rows, int64_t cols, scalar_t* dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
-  }
-}
-
 // NOTE rows per block: 128 at d = 1024, so a block of h, dOut or the output is 512 KiB in fp32
 // and stays in the L2 of its core between the GEMM that reads or writes it and the pass over
 // it. The four backward GEMMs over 2048 rows (d=1024, r=64, fp32, one thread) through brgemm:
@@ -426,13 +381,9 @@ void forward_blocks(const at::Tensor& h, const at::Tensor& w_down, const std::op
   scalar_t* out_data = out.data_ptr<scalar_t>();
   const acc_t s = static_cast<acc_t>(scaling);
   const int64_t rows_per_block = block_rows_for(d);
-  for_each_row_task(M, row_tasks(M, d + r), [&](int64_t, int64_t row_begin, int64_t row_end) {
-    // OpenMP workers do not inherit the caller's dispatch state: keep the ATen calls below
-    // autograd, as the calling thread is.
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  for_each_share(M, row_tasks(M, d + r), [&](int64_t, int64_t row_begin, int64_t row_end) {
     std::vector<scalar_t> a_s(std::min(rows_per_block, row_end - row_begin) * r), scratch(a_s.size());
-    for (int64_t m = row_begin; m < row_end; m += rows_per_block) {
-      const int64_t rows = std::min(rows_per_block, row_end - m);
+    for_each_block(row_begin, row_end, rows_per_block, [&](int64_t m, int64_t rows) {
       scalar_t* pre_blk = pre_data + m * r;
       scalar_t* out_blk = out_data + m * d;
       if (bias_down != nullptr) {
@@ -442,7 +393,7 @@ void forward_blocks(const at::Tensor& h, const at::Tensor& w_down, const std::op
       activation_span(pre_blk, a_s.data(), s, rows * r, act);
       init_rows(res_data + m * d, bias_up, out_blk, rows, d);
       block_gemm(rows, d, r, a_s.data(), r, wu_t, d, out_blk, d, true);
-    }
+    });
   });
 }
 
@@ -464,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor dh = at::empty_like(grad_out);
   at::Tensor part_dw_up_t = at::zeros({tasks, r, d}, grad_out.options());
   at::Tensor part_dw_down = at::zeros({tasks, r, d}, grad_out.options());
-  std::vector<double> partial_down(tasks * r, 0.0), partial_up(tasks * d, 0.0);
+  PartialSums partial_down(tasks, r), partial_up(tasks, d);
   const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* h_data = h.const_data_ptr<scalar_t>();
   const scalar_t* pre_data = pre.const_data_ptr<scalar_t>();
@@ -472,31 +423,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const scalar_t* wd = w_down.const_data_ptr<scalar_t>();
   scalar_t* dh_data = dh.data_ptr<scalar_t>();
   const scalar_t s = static_cast<scalar_t>(scaling);
-  for_each_row_task(M, tasks, [&](int64_t t, int64_t row_begin, int64_t row_end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in forward_blocks
+  for_each_share(M, tasks, [&](int64_t t, int64_t row_begin, int64_t row_end) {
     const int64_t max_rows = std::min(rows_per_block, row_end - row_begin);
     std::vector<scalar_t> dpre(max_rows * r), a_s(max_rows * r), dpre_t(max_rows * r), a_s_t(max_rows * r),
         scratch(max_rows * r);
     scalar_t* dw_up_t = part_dw_up_t[t].data_ptr<scalar_t>();
     scalar_t* dw_down = part_dw_down[t].data_ptr<scalar_t>();
-    double* task_down = partial_down.data() + t * r;
-    double* task_up = partial_up.data() + t * d;
-    for (int64_t m = row_begin; m < row_end; m += rows_per_block) {
-      const int64_t rows = std::min(rows_per_block, row_end - m);
+    double* task_down = partial_down.of(t);
+    double* task_up = partial_up.of(t);
+    for_each_block(row_begin, row_end, rows_per_block, [&](int64_t m, int64_t rows) {
       const scalar_t* g_blk = g_data + m * d;
       scalar_t* dh_blk = dh_data + m * d;
       block_gemm_chunked(rows, r, d, g_blk, d, wu, r, dpre.data(), r, false, scratch.data());
       dpre_rows(pre_data + m * r, dpre.data(), a_s.data(), s, rows, r, task_down, act);
-      transpose_block(a_s.data(), rows, r, a_s_t.data());
-      transpose_block(dpre.data(), rows, r, dpre_t.data());
+      transpose_into(a_s.data(), rows, r, r, a_s_t.data());
+      transpose_into(dpre.data(), rows, r, r, dpre_t.data());
       block_gemm(r, d, rows, a_s_t.data(), rows, g_blk, d, dw_up_t, d, true);
       block_gemm(r, d, rows, dpre_t.data(), rows, h_data + m * d, d, dw_down, d, true);
       colsum_rows(g_blk, residual_is_h ? dh_blk : nullptr, rows, d, task_up);
       block_gemm(rows, d, r, dpre.data(), r, wd, d, dh_blk, d, residual_is_h);
-    }
+    });
   });
-  return {dh, part_dw_down.sum(0), sum_partials(partial_down, tasks, r, 1.0, pre.options()),
-          part_dw_up_t.sum(0).t().contiguous(), sum_partials(partial_up, tasks, d, scaling, grad_out.options())};
+  return {dh, part_dw_down.sum(0), partial_down.sum(pre.options()), part_dw_up_t.sum(0).t().contiguous(),
+          partial_up.sum(grad_out.options(), scaling)};
 }
 
 // The backward's passes up to the weight GEMMs, in one parallel region over row blocks of
@@ -520,24 +469,23 @@ std::tuple<at::Tensor, at::Tensor> backward_passes(const at::Tensor& grad_out, c
       kReduced ? std::clamp<int64_t>((int64_t{1} << 15) / std::max<int64_t>(d, 1), 8, 256) : kSumRows;
   const int64_t tasks = row_tasks(M, d + r);
   const at::Tensor w_up32 = kReduced ? w_up.to(at::kFloat).contiguous() : at::Tensor();
-  std::vector<double> partial_down(tasks * r, 0.0), partial_up(tasks * d, 0.0);
+  PartialSums partial_down(tasks, r), partial_up(tasks, d);
   const scalar_t* g_data = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* pre_data = pre.const_data_ptr<scalar_t>();
   scalar_t* dpre_data = dpre.data_ptr<scalar_t>();
   scalar_t* a_data = a_s.data_ptr<scalar_t>();
   scalar_t* dh_data = dh != nullptr ? dh->data_ptr<scalar_t>() : nullptr;
   const acc_t s = static_cast<acc_t>(scaling);
-  for_each_row_task(M, tasks, [&](int64_t t, int64_t row_begin, int64_t row_end) {
+  for_each_share(M, tasks, [&](int64_t t, int64_t row_begin, int64_t row_end) {
     std::vector<float> g32, dz32, scratch;
     if constexpr (kReduced) {
       g32.resize(rows_per_block * d);
       dz32.resize(rows_per_block * r);
       scratch.resize(rows_per_block * r);
     }
-    double* task_down = partial_down.data() + t * r;
-    double* task_up = partial_up.data() + t * d;
-    for (int64_t m = row_begin; m < row_end; m += rows_per_block) {
-      const int64_t rows = std::min(rows_per_block, row_end - m);
+    double* task_down = partial_down.of(t);
+    double* task_up = partial_up.of(t);
+    for_each_block(row_begin, row_end, rows_per_block, [&](int64_t m, int64_t rows) {
       if constexpr (kReduced) {
         to_float(g_data + m * d, g32.data(), rows * d);
         block_gemm_chunked(rows, r, d, g32.data(), d, w_up32.const_data_ptr<float>(), r, dz32.data(), r, false,
@@ -547,10 +495,9 @@ std::tuple<at::Tensor, at::Tensor> backward_passes(const at::Tensor& grad_out, c
         dpre_rows(pre_data + m * r, dpre_data + m * r, a_data + m * r, s, rows, r, task_down, act);
       }
       colsum_rows(g_data + m * d, dh_data != nullptr ? dh_data + m * d : nullptr, rows, d, task_up);
-    }
+    });
   });
-  return {sum_partials(partial_down, tasks, r, 1.0, pre.options()),
-          sum_partials(partial_up, tasks, d, scaling, grad_out.options())};
+  return {partial_down.sum(pre.options()), partial_up.sum(grad_out.options(), scaling)};
 }
 
 void check_cpu_dtype(const at::Tensor& h) {
@@ -560,69 +507,7 @@ void check_cpu_dtype(const at::Tensor& h) {
   TORCH_CHECK(h.device().is_cpu(), kOp, ": expected CPU tensors, got device ", h.device());
 }
 
-void check_same(const at::Tensor& t, const at::Tensor& h, const char* name) {
-  TORCH_CHECK(t.scalar_type() == h.scalar_type(), kOp, ": ", name, " must have h's dtype ",
-              h.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == h.device(), kOp, ": ", name, " must be on h's device ", h.device(), ", got ",
-              t.device());
-  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
-}
-
-void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name, const char* dims) {
-  TORCH_CHECK(t.sizes() == expected, kOp, ": ", name, " must be ", dims, " = ", expected, ", got ", t.sizes());
-}
-
-void check_activation(int64_t activation) {
-  TORCH_CHECK(is_activation_code(activation), kOp, ": activation code must be in [0, ", kNumActivations,
-              ") (relu, gelu, gelu_tanh, silu, tanh), got ", activation);
-}
-
 }  // namespace
-
-void check_adapter_fwd_args(const at::Tensor& h, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
-                            const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
-                            const std::optional<at::Tensor>& residual, int64_t activation) {
-  TORCH_CHECK(h.dim() == 2, kOp, ": h must be 2-D [M, d], got ", h.sizes());
-  TORCH_CHECK(w_down.dim() == 2 && w_down.size(1) == h.size(1), kOp, ": w_down must be [r, d] with d = ",
-              h.size(1), ", got ", w_down.sizes());
-  const int64_t M = h.size(0), d = h.size(1), r = w_down.size(0);
-  TORCH_CHECK(r > 0, kOp, ": w_down must have r >= 1 rows, got ", w_down.sizes());
-  check_shape(w_up, {d, r}, "w_up", "[d, r]");
-  check_same(h, h, "h");
-  check_same(w_down, h, "w_down");
-  check_same(w_up, h, "w_up");
-  if (b_down.has_value()) {
-    check_shape(*b_down, {r}, "b_down", "[r]");
-    check_same(*b_down, h, "b_down");
-  }
-  if (b_up.has_value()) {
-    check_shape(*b_up, {d}, "b_up", "[d]");
-    check_same(*b_up, h, "b_up");
-  }
-  if (residual.has_value()) {
-    check_shape(*residual, {M, d}, "residual", "[M, d]");
-    check_same(*residual, h, "residual");
-  }
-  check_activation(activation);
-}
-
-void check_adapter_bwd_args(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& w_down,
-                            const at::Tensor& w_up, const at::Tensor& pre, int64_t activation) {
-  TORCH_CHECK(h.dim() == 2, kOp, ": h must be 2-D [M, d], got ", h.sizes());
-  TORCH_CHECK(w_down.dim() == 2 && w_down.size(1) == h.size(1), kOp, ": w_down must be [r, d] with d = ",
-              h.size(1), ", got ", w_down.sizes());
-  const int64_t M = h.size(0), d = h.size(1), r = w_down.size(0);
-  TORCH_CHECK(r > 0, kOp, ": w_down must have r >= 1 rows, got ", w_down.sizes());
-  check_shape(grad_out, {M, d}, "grad_out", "[M, d]");
-  check_shape(w_up, {d, r}, "w_up", "[d, r]");
-  check_shape(pre, {M, r}, "pre", "[M, r]");
-  check_same(h, h, "h");
-  check_same(grad_out, h, "grad_out");
-  check_same(w_down, h, "w_down");
-  check_same(w_up, h, "w_up");
-  check_same(pre, h, "pre");
-  check_activation(activation);
-}
 
 std::tuple<at::Tensor, at::Tensor> adapter_fwd_cpu(const at::Tensor& h, const at::Tensor& w_down,
                                                    const std::optional<at::Tensor>& b_down,

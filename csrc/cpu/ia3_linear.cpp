@@ -13,7 +13,7 @@
 // before the block's tiles (row_prologue).
 //
 // The block GEMMs (gemm_tile): fp32 (from kPackMinRowsForward / kPackMinRowsBackward rows on)
-// and bf16 run oneDNN's brgemm microkernel (at::native::cpublas::brgemm) on a copy of W packed
+// and bf16 run oneDNN's brgemm microkernel (brgemm of blocks.h) on a copy of W packed
 // once per call into column panels (pack_transposed: the forward's Wᵀ; pack_rows: the
 // backward's W; bf16 in oneDNN's VNNI layout), fp32 with the scale folded into the copy. bf16
 // accumulates in fp32 in a tile buffer and rounds each output once (z and out from the same
@@ -53,14 +53,13 @@
 // 0.08 ms, M = 256 1.2 / 2.5 and 0.63 / 0.59 ms: bf16's packing of Wᵀ (0.06 ms) is what small
 // problems pay over oneDNN.
 //
-// The sums over M for ds run in fp64 per task (adapter.cpp's NOTE at sum_partials gives the
+// The sums over M for ds run in fp64 per task (PartialSums of blocks.h, whose NOTE gives the
 // reason), added up in task order at the end: reproducible run to run at a given thread count.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -70,15 +69,14 @@
 #include <type_traits>
 #include <vector>
 
-#include "kernels.h"
+#include "blocks.h"
+#include "ia3_linear.h"
 #include "vec16.h"
 
 namespace deltakern {
 namespace {
 
 constexpr const char* kOp = "deltakern.ia3_linear";
-
-#define DELTAKERN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 using namespace vec16;
 using vdouble = double __attribute__((vector_size(128)));
@@ -406,15 +404,6 @@ at::Tensor pack_rows(const c10::BFloat16* w, int64_t ldw, int64_t red, int64_t c
   return packed;
 }
 
-inline void brgemm_call(int64_t rows, int64_t nc, int64_t red, int64_t lda, int64_t ldb, int64_t ldc, bool add,
-                        const float* a, const float* b, float* c) {
-  at::native::cpublas::brgemm(rows, nc, red, lda, ldb, ldc, add, a, b, c, /*is_vnni=*/false);
-}
-inline void brgemm_call(int64_t rows, int64_t nc, int64_t red, int64_t lda, int64_t ldb, int64_t ldc, bool add,
-                        const c10::BFloat16* a, const c10::BFloat16* b, float* c) {
-  at::native::cpublas::brgemm(rows, nc, red, lda, ldb, ldc, add, a, b, c, /*is_vnni=*/true);
-}
-
 // C[rows, nc] (row stride ldc) = A[rows, red] (row stride lda) B[:, c0 : c0 + nc]. brgemm sums
 // in chunks of kRedChunk, each accumulated onto C: NOTE fp32 [2048 x 1024] x [1024 x 1024],
 // maximum error relative to the largest |C| against fp64: one brgemm call over the whole
@@ -429,10 +418,8 @@ void gemm_tile(const RightOperand<scalar_t>& b, int64_t rows, int64_t c0, int64_
   }
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (b.kind == RightOperand<scalar_t>::kAten) {
-      const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-      const at::Tensor a_view = at::from_blob(const_cast<scalar_t*>(a), {rows, b.red}, {lda, 1}, options);
-      at::Tensor c_view = at::from_blob(c, {rows, nc}, {ldc, 1}, options);
-      at::mm_out(c_view, a_view, b.storage.narrow(1, c0, nc));
+      at::Tensor c_view = block_view(c, rows, nc, ldc);
+      at::mm_out(c_view, block_view(a, rows, b.red, lda), b.storage.narrow(1, c0, nc));
       return;
     }
   }
@@ -441,7 +428,7 @@ void gemm_tile(const RightOperand<scalar_t>& b, int64_t rows, int64_t c0, int64_
     // at r0 nc too).
     const scalar_t* panel = b.storage.template const_data_ptr<scalar_t>() + c0 * padded_red<scalar_t>(b.red);
     for (int64_t r0 = 0; r0 < b.red; r0 += kRedChunk) {
-      brgemm_call(rows, nc, std::min(kRedChunk, b.red - r0), lda, nc, ldc, r0 > 0, a + r0, panel + r0 * nc, c);
+      brgemm(rows, nc, std::min(kRedChunk, b.red - r0), a + r0, lda, panel + r0 * nc, nc, c, ldc, r0 > 0);
     }
   }
 }
@@ -468,19 +455,13 @@ template <typename OnBlock, typename OnTile>
 void for_each_tile(int64_t M, int64_t cols, int64_t tasks, OnBlock&& on_block, OnTile&& on_tile) {
   const int64_t chunks = std::max<int64_t>(1, (cols + kColChunk - 1) / kColChunk);
   const int64_t tiles = (M + kBlockRows - 1) / kBlockRows * chunks;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    // OpenMP workers do not inherit the caller's dispatch state: keep the ATen calls below
-    // autograd, as the calling thread is.
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t first = tiles * task / tasks, last = tiles * (task + 1) / tasks;
-      for (int64_t t = first; t < last; ++t) {
-        const int64_t block = t / chunks, chunk = t % chunks;
-        const int64_t m = block * kBlockRows, rows = std::min(kBlockRows, M - m);
-        if (t == first || chunk == 0) on_block(task, m, rows, chunk == 0);
-        const int64_t c0 = chunk * kColChunk, nc = std::min(kColChunk, cols - c0);
-        if (nc > 0) on_tile(task, m, rows, c0, nc);
-      }
+  for_each_share(tiles, tasks, [&](int64_t task, int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t block = t / chunks, chunk = t % chunks;
+      const int64_t m = block * kBlockRows, rows = std::min(kBlockRows, M - m);
+      if (t == first || chunk == 0) on_block(task, m, rows, chunk == 0);
+      const int64_t c0 = chunk * kColChunk, nc = std::min(kColChunk, cols - c0);
+      if (nc > 0) on_tile(task, m, rows, c0, nc);
     }
   });
 }
@@ -489,17 +470,6 @@ void for_each_tile(int64_t M, int64_t cols, int64_t tasks, OnBlock&& on_block, O
 template <typename T>
 at::Tensor scratch(int64_t n) {
   return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
-// Σ over tasks of the fp64 partial sums [tasks, n], as an [n] tensor of dtype `options`.
-at::Tensor sum_partials(const std::vector<double>& partial, int64_t tasks, int64_t n,
-                        const at::TensorOptions& options) {
-  at::Tensor sum = at::zeros({n}, options.dtype(at::kDouble));
-  double* out = sum.data_ptr<double>();
-  for (int64_t t = 0; t < tasks; ++t) {
-    for (int64_t j = 0; j < n; ++j) out[j] += partial[t * n + j];
-  }
-  return sum.to(options.dtype());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -608,7 +578,7 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& unscaled, cons
   }
   const int64_t tasks = num_tasks(M, K, N);
   const int64_t len = scale_input ? K : N;
-  std::vector<double> partial(tasks * len, 0.0);
+  PartialSums partial(tasks, len);
   const int64_t block_rows = std::min(kBlockRows, M);
   at::Tensor dy_scaled_buffer = scratch<scalar_t>(scale_rows ? tasks * block_rows * N : 0);
   scalar_t* dy_scaled = dy_scaled_buffer.data_ptr<scalar_t>();
@@ -619,7 +589,7 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& unscaled, cons
       [&](int64_t task, int64_t m, int64_t rows, bool owner) {
         if (!scale_input && (scale_rows || owner)) {
           row_prologue(dy + m * N, N, u + m * N, s, scale_rows ? dy_scaled + task * block_rows * N : nullptr,
-                       owner ? partial.data() + task * N : nullptr, rows, N);
+                       owner ? partial.of(task) : nullptr, rows, N);
         }
       },
       [&](int64_t task, int64_t m, int64_t rows, int64_t c0, int64_t nc) {
@@ -633,12 +603,12 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& unscaled, cons
         }
         gemm_tile(b, rows, c0, nc, a, N, c, ldc);
         if (scale_input) {
-          input_grad_tile(c, ldc, u + m * K + c0, K, s + c0, dst, K, partial.data() + task * K + c0, rows, nc);
+          input_grad_tile(c, ldc, u + m * K + c0, K, s + c0, dst, K, partial.of(task) + c0, rows, nc);
         } else if (!kInPlace) {
           forward_tile(c, ldc, nullptr, nullptr, nullptr, 0, dst, K, rows, nc);
         }
       });
-  return sum_partials(partial, tasks, len, scale.options());
+  return partial.sum(scale.options());
 }
 
 // Whether oneDNN's bf16 brgemm runs here: it needs AVX-512 (avx512_core), a torch built with
@@ -650,7 +620,7 @@ bool bf16_brgemm_usable() {
     const c10::BFloat16 a[2] = {1.0f, 1.0f}, b[2] = {1.0f, 1.0f};
     float c = 0.0f;
     try {
-      brgemm_call(1, 1, 2, 2, 1, 1, false, a, b, &c);
+      brgemm(1, 1, 2, a, 2, b, 1, &c, 1, false);
     } catch (const c10::Error&) {
       return false;
     }

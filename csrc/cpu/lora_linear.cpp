@@ -1,5 +1,6 @@
 // CPU kernels of the LoRA dropout parts: a fused dropout-shrink and the one-pass dropout
-// backward. The large GEMMs stay in ATen (csrc/lora_linear.cpp).
+// backward, and lora_linear's CPU entry points: the device-neutral decomposition
+// (csrc/lora_linear.cpp), whose large GEMMs stay in ATen, with these dropout kernels.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/OpMathType.h>
@@ -7,8 +8,10 @@
 
 #include <algorithm>
 
+#include "blocks.h"
 #include "deltakern/philox.h"
-#include "kernels.h"
+#include "lora_linear.h"
+#include "vec16.h"
 
 namespace deltakern {
 namespace {
@@ -26,8 +29,7 @@ constexpr int64_t kBlockElements = 4 * kBlockCounters;
 // AVX2 and the baseline, picked at load time. The RNG is the largest cost of dropout here: a
 // mask of 2M elements took 9.5 ms on 2 cores with the scalar philox4x32_10 loop, and on one
 // core 2.7 ms with this block vectorized for AVX2, 1.7 ms for AVX-512 (Zen 4).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void keep_block(uint64_t seed, uint64_t first_counter,
-                                                                   uint32_t threshold, uint8_t* keep) {
+DELTAKERN_CLONES void keep_block(uint64_t seed, uint64_t first_counter, uint32_t threshold, uint8_t* keep) {
   uint32_t c0[kBlockCounters], c1[kBlockCounters], c2[kBlockCounters], c3[kBlockCounters];
   philox4x32_10_block(seed, first_counter, c0, c1, c2, c3);
   for (int i = 0; i < kBlockCounters; ++i) {
@@ -61,10 +63,8 @@ inline void scale_kept(const in_t* in, const uint8_t* keep, int64_t n, opmath_t 
   }
 }
 
-}  // namespace
-
-void lora_dropout_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p,
-                             int64_t seed, at::Tensor& xa) {
+// LoraDropoutKernels::shrink.
+void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed, at::Tensor& xa) {
   const int64_t M = x.size(0), K = x.size(1);
   const at::Tensor lora_A_t = lora_A.t();
   const float p32 = static_cast<float>(p);
@@ -78,22 +78,21 @@ void lora_dropout_shrink_cpu(const at::Tensor& x, const at::Tensor& lora_A, doub
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor dropped = at::empty({std::min(kShrinkRows, row_end - row_begin), K}, x.options());
       scalar_t* out = dropped.data_ptr<scalar_t>();
-      for (int64_t row = row_begin; row < row_end; row += kShrinkRows) {
-        const int64_t rows = std::min(kShrinkRows, row_end - row);
+      for_each_block(row_begin, row_end, kShrinkRows, [&](int64_t row, int64_t rows) {
         const scalar_t* in = x_data + row * K;
         for_each_keep_run(seed, p32, row * K, (row + rows) * K, [&](int64_t offset, int64_t n, const uint8_t* keep) {
           scale_kept(in + offset, keep, n, keep_scale, out + offset);
         });
         at::Tensor xa_rows = xa.narrow(0, row, rows);
         at::mm_out(xa_rows, dropped.narrow(0, 0, rows), lora_A_t);
-      }
+      });
     });
   });
 }
 
-void lora_dropout_lowrank_backward_cpu(const at::Tensor& x, const at::Tensor& dxa,
-                                       const at::Tensor& lora_A, double p, int64_t seed,
-                                       at::Tensor& dx, at::Tensor& d_lora_A) {
+// LoraDropoutKernels::lowrank_backward, in row blocks that stay in cache.
+void dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A, double p,
+                              int64_t seed, at::Tensor& dx, at::Tensor& d_lora_A) {
   const int64_t M = x.size(0), K = x.size(1), R = lora_A.size(0);
   const float p32 = static_cast<float>(p);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_dropout_lowrank_backward_cpu", [&] {
@@ -112,8 +111,7 @@ void lora_dropout_lowrank_backward_cpu(const at::Tensor& x, const at::Tensor& dx
       at::Tensor partial = partials[at::get_thread_num()];
       at::Tensor dropped = at::empty({std::min(kShrinkRows, row_end - row_begin), K}, opmath);
       opmath_t* dropped_data = dropped.data_ptr<opmath_t>();
-      for (int64_t row = row_begin; row < row_end; row += kShrinkRows) {
-        const int64_t rows = std::min(kShrinkRows, row_end - row);
+      for_each_block(row_begin, row_end, kShrinkRows, [&](int64_t row, int64_t rows) {
         at::Tensor dx_rows = dx.narrow(0, row, rows);
         const at::Tensor dxa_rows = dxa.narrow(0, row, rows);
         at::mm_out(dx_rows, dxa_rows, lora_A);
@@ -124,10 +122,27 @@ void lora_dropout_lowrank_backward_cpu(const at::Tensor& x, const at::Tensor& dx
           scale_kept(in + offset, keep, n, keep_scale, dropped_data + offset);
         });
         partial.addmm_(dxa_rows.t().to(opmath), dropped.narrow(0, 0, rows));
-      }
+      });
     });
     d_lora_A.copy_(partials.sum(0));
   });
+}
+
+constexpr LoraDropoutKernels kDropout{&dropout_shrink, &dropout_lowrank_backward};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                       double scaling, double dropout_p, const at::Tensor& seed) {
+  return lora_linear_fwd_gemms(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kDropout);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed) {
+  return lora_linear_bwd_gemms(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, kDropout);
 }
 
 at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double p, int64_t seed) {

@@ -5,15 +5,14 @@
 // [query block x key block] tile at a time. The masking rule and the online softmax come from
 // deltakern/attention.h, shared with the CUDA kernel.
 //
-// Block GEMMs run on raw pointers through at::native::cpublas::brgemm (row-major
-// C (+)= A B, MKL/oneDNN behind it, as in PyTorch's own CPU flash attention). It only multiplies
-// untransposed operands, so the K and V blocks are transposed into small buffers once per block.
+// Block GEMMs run on raw pointers through brgemm (blocks.h: row-major C (+)= A B, oneDNN's
+// microkernel, as in PyTorch's own CPU flash attention). It only multiplies untransposed
+// operands, so the K and V blocks are transposed into small buffers once per block.
 // bf16 blocks are converted to fp32 on load and every GEMM and softmax runs in fp32; fp64 (for
 // gradcheck) uses plain loops.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cstring>
@@ -23,8 +22,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "blocks.h"
 #include "deltakern/attention.h"
-#include "kernels.h"
+#include "prefix_attention.h"
 #include "vec16.h"
 
 namespace deltakern {
@@ -142,7 +142,7 @@ DELTAKERN_ALWAYS_INLINE void row_prob_grad(double* s, double* dp, int64_t n, con
 // C[M, N] = (accumulate ? C : 0) + A[M, K] B[K, N]; row-major, leading dimensions lda/ldb/ldc.
 inline void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                     int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+  brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 inline void gemm_nn(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
@@ -166,14 +166,6 @@ const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
   } else {
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
     return buf;
-  }
-}
-
-// dst[cols, rows] (leading dimension rows) = src[rows, cols]ᵀ (leading dimension ld_src).
-template <typename scalar_t, typename acc_t>
-void transpose_into(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src, acc_t* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = static_cast<acc_t>(src[r * ld_src + c]);
   }
 }
 
@@ -290,9 +282,8 @@ DELTAKERN_ALWAYS_INLINE void softmax_grad_tile_impl(acc_t* S, acc_t* dP, int64_t
   }
 }
 
-// The fp32 instantiations are compiled for AVX-512, AVX2 and the baseline, picked at load time
-// (the extension is built for the baseline x86-64).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_tile(
+// The fp32 instantiations are DELTAKERN_CLONES (vec16.h).
+DELTAKERN_CLONES void softmax_tile(
     float* S, int64_t qn, int64_t kn, const TileMask<float>& m, float scale, SoftmaxRow<float>* rows,
     float* O, int64_t D) {
   softmax_tile_impl(S, qn, kn, m, scale, rows, O, D);
@@ -303,7 +294,7 @@ void softmax_tile(double* S, int64_t qn, int64_t kn, const TileMask<double>& m, 
   softmax_tile_impl(S, qn, kn, m, scale, rows, O, D);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void softmax_grad_tile(
+DELTAKERN_CLONES void softmax_grad_tile(
     float* S, float* dP, int64_t qn, int64_t kn, const TileMask<float>& m, float scale, const float* lse,
     const float* Di) {
   softmax_grad_tile_impl(S, dP, qn, kn, m, scale, lse, Di);
@@ -346,21 +337,19 @@ void forward_kernel(const Problem<scalar_t>& p, double scale_d, scalar_t* out, l
         }
       };
       // The prefix: visible to every query, read in place from the (shared) prefix tensors.
-      for (int64_t j0 = 0; j0 < p.P; j0 += kKeyBlock) {
-        const int64_t kn = std::min(kKeyBlock, p.P - j0);
+      for_each_block(0, p.P, kKeyBlock, [&](int64_t j0, int64_t kn) {
         const int64_t off = p.prefix_offset(b, g, j0);
         tile(p.prefix_k + off, p.prefix_v + off, kn, TileMask<acc_t>{true, i0, j0, p.Lq, p.Lk, p.causal, nullptr});
-      }
+      });
       // The input keys up to the causal end of the block's last query; key blocks that the
       // padding mask hides entirely are skipped.
       const int64_t key_end = causal_key_end(i0 + qn - 1, p.Lq, p.Lk, p.causal);
-      for (int64_t j0 = 0; j0 < key_end; j0 += kKeyBlock) {
-        const int64_t kn = std::min(kKeyBlock, key_end - j0);
-        if (!p.any_kept(b, j0, kn)) continue;
+      for_each_block(0, key_end, kKeyBlock, [&](int64_t j0, int64_t kn) {
+        if (!p.any_kept(b, j0, kn)) return;
         const int64_t off = p.k_offset(b, g, j0);
         const acc_t* bias = padding_bias(p, b, j0, kn, bias_buf.data());
         tile(p.k + off, p.v + off, kn, TileMask<acc_t>{false, i0, j0, p.Lq, p.Lk, p.causal, bias});
-      }
+      });
 
       for (int64_t r = 0; r < qn; ++r) {
         lse[p.row(b, h, i0 + r)] = static_cast<lse_t>(softmax_lse(rows[r]));
@@ -401,8 +390,7 @@ void backward_key_block(const Problem<scalar_t>& p, const scalar_t* grad_out, co
   const acc_t* bias = prefix ? nullptr : padding_bias(p, b, j0, kn, w.bias.data());
   const int64_t first_query = prefix ? 0 : p.first_query_seeing(j0);
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    for (int64_t i0 = first_query / kQueryBlock * kQueryBlock; i0 < p.Lq; i0 += kQueryBlock) {
-      const int64_t qn = std::min(kQueryBlock, p.Lq - i0);
+    for_each_block(first_query / kQueryBlock * kQueryBlock, p.Lq, kQueryBlock, [&](int64_t i0, int64_t qn) {
       const acc_t* Q = as_acc(p.q + p.q_offset(b, h, i0), qn * D, w.q.data());
       const acc_t* dO = as_acc(grad_out + p.q_offset(b, h, i0), qn * D, w.dout.data());
       const int64_t row = p.row(b, h, i0);
@@ -419,7 +407,7 @@ void backward_key_block(const Problem<scalar_t>& p, const scalar_t* grad_out, co
       if (dQ != nullptr) {
         gemm_nn(qn, D, kn, w.dP.data(), kn, K, D, dQ + ((h - g * group) * p.Lq + i0) * D, D, true);
       }
-    }
+    });
   }
 }
 
@@ -485,19 +473,17 @@ void backward_kernel(const Problem<scalar_t>& p, double scale_d, const scalar_t*
           store_acc(dV, kn * D, dv_rows);
         }
       };
-      for (int64_t j0 = 0; j0 < p.P; j0 += kKeyBlock) {
-        const int64_t kn = std::min(kKeyBlock, p.P - j0);
+      for_each_block(0, p.P, kKeyBlock, [&](int64_t j0, int64_t kn) {
         const int64_t off = p.prefix_offset(b, g, j0);
         key_block(p.prefix_k + off, p.prefix_v + off, p.shared_prefix ? nullptr : dprefix_k + off,
                   p.shared_prefix ? nullptr : dprefix_v + off, kn, true, j0);
-      }
-      for (int64_t j0 = 0; j0 < p.Lk; j0 += kKeyBlock) {
-        const int64_t kn = std::min(kKeyBlock, p.Lk - j0);
+      });
+      for_each_block(0, p.Lk, kKeyBlock, [&](int64_t j0, int64_t kn) {
         // Blocks no query sees (causally after the last query or all padded) keep dk = dv = 0.
-        if (p.first_query_seeing(j0) >= p.Lq || !p.any_kept(b, j0, kn)) continue;
+        if (p.first_query_seeing(j0) >= p.Lq || !p.any_kept(b, j0, kn)) return;
         const int64_t off = p.k_offset(b, g, j0);
         key_block(p.k + off, p.v + off, dk + off, dv + off, kn, false, j0);
-      }
+      });
       store_acc(dQ, group * p.Lq * D, dq_task);
     }
   });

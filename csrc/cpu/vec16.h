@@ -1,9 +1,9 @@
 // 16 fp32 lanes in GCC/Clang vector extensions for the CPU kernels' element-wise passes: one
 // AVX-512 register, two AVX2 ones, four SSE2 ones, whichever target the function that inlines
-// them is compiled for (the kernels compile their passes as target_clones for AVX-512, AVX2 and
-// the baseline, picked at load time). Every helper is always inlined: an outlined copy would be compiled for the
-// baseline target and take its vectors through memory, and the psABI note on passing 64-byte
-// vectors without AVX-512 then never applies.
+// them is compiled for (the kernels compile their passes as DELTAKERN_CLONES: target_clones for
+// AVX-512, AVX2 and the baseline, picked at load time). Every helper is always inlined: an
+// outlined copy would be compiled for the baseline target and take its vectors through memory,
+// and the psABI note on passing 64-byte vectors without AVX-512 then never applies.
 #pragma once
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -14,6 +14,10 @@
 #include <cstring>
 
 #define DELTAKERN_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// A function compiled for AVX-512, AVX2 and the baseline, the one the CPU has picked at load time
+// (the extension itself is built for the baseline x86-64).
+#define DELTAKERN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 namespace deltakern {
 namespace vec16 {
@@ -66,12 +70,10 @@ DELTAKERN_ALWAYS_INLINE void store_part(T* p, vfloat v, int64_t count) {
   std::copy(buf, buf + count, p);
 }
 
-// f(c, count) over [0, n) in chunks of kLanes, the last one shorter. The callers' lambdas are
-// always inlined too, for the reason above.
-// The core of Cephes expf shared by the two vector exps (exp_score in prefix_attention.cpp, the
-// activations' exp in adapter.cpp), which differ only in their range handling: n = round(x log2 e)
-// and exp(r) for r = x - n ln 2 (ln 2 split in two parts, Cody-Waite) by a degree-7 polynomial.
-// Returns exp(r) and sets n; the caller clamps x before and applies 2^n after.
+// The core of Cephes expf, for vector exps that differ only in their range handling (what they
+// clamp x to, how they apply 2^n): n = round(x log2 e) and exp(r) for r = x - n ln 2 (ln 2 split
+// in two parts, Cody-Waite) by a degree-7 polynomial. Returns exp(r) and sets n; the caller
+// clamps x before and applies 2^n after.
 DELTAKERN_ALWAYS_INLINE vfloat exp_reduced(vfloat x, vint& n_int) {
   const vfloat t = x * 1.44269504088896341f;
   n_int = __builtin_convertvector(t + (t < 0.0f ? splat(-0.5f) : splat(0.5f)), vint);
@@ -87,6 +89,8 @@ DELTAKERN_ALWAYS_INLINE vfloat exp_reduced(vfloat x, vint& n_int) {
   return y * r * r + r + 1.0f;
 }
 
+// f(c, count) over [0, n) in chunks of kLanes, the last one shorter. The callers' lambdas are
+// always inlined too, for the reason above.
 template <typename F>
 DELTAKERN_ALWAYS_INLINE void for_each_chunk(int64_t n, F&& f) {
   int64_t c = 0;

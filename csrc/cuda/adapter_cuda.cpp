@@ -21,8 +21,8 @@
 #include <tuple>
 
 #include "adapter.cuh"
+#include "adapter.h"
 #include "glue.h"
-#include "kernels.h"
 
 namespace deltakern {
 namespace {

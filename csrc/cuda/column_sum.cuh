@@ -1,7 +1,7 @@
-// Per-row-group column sums over an [M, cols] pass, shared by the backward kernels of
-// adapter.cu and ia3_linear.cu, with the launch scaffolding their other kernels use too (lanes,
-// grid geometry, dtype dispatch). Included by .cu files only; raw pointers and a stream, no
-// torch header.
+// Per-row-group column sums over an element-wise pass on [M, cols] (a bias or scale gradient
+// summed over the rows while the pass writes its other outputs), with the launch scaffolding of
+// element-wise kernels (lanes, grid geometry, dtype dispatch). Included by .cu files only; raw
+// pointers and a stream, no torch header.
 //
 // Column sums: a block owns 32 columns x one row group (row_groups.h); its 8 warps walk the
 // group's rows (warp w takes rows w, w + 8, ...), so every warp access is 32 consecutive elements
@@ -24,11 +24,11 @@
 #include <cstdint>
 
 #include "convert.cuh"
-#include "deltakern/lora_params.h"  // DType
+#include "deltakern/dtype.h"
 #include "row_groups.h"
 
 // The row walk of the column sums is unrolled twice. Left to nvcc (which unrolls it 4 times or
-// more), ptxas held adapter's gelu_tanh instantiations at 32 registers and spilled 12 bytes to
+// more), ptxas held the ops' gelu_tanh instantiations at 32 registers and spilled 12 bytes to
 // local memory on sm_80 (unrolled 4 times: 5 kernels spilled); twice or not at all, nothing
 // spills. More would not overlap the rows' memory accesses: as the op's stores may alias its
 // loads, each row's loads are issued after the previous row's stores.

@@ -1,6 +1,7 @@
-// Conversions and small integer helpers shared by the CUDA kernels (lora_linear.cu,
-// prefix_attention.cu). Framework-free and __host__ __device__. Explicit conversion intrinsics,
-// because torch builds with __CUDA_NO_HALF_OPERATORS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__.
+// Conversions between fp32 and the storage types of the CUDA kernels (float, __half,
+// __nv_bfloat16), and small integer helpers. Framework-free and __host__ __device__. Explicit
+// conversion intrinsics, because torch builds with __CUDA_NO_HALF_OPERATORS__ /
+// __CUDA_NO_BFLOAT16_CONVERSIONS__.
 #pragma once
 
 #include <cuda_bf16.h>

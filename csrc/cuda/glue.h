@@ -5,7 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "deltakern/lora_params.h"  // DType
+#include "deltakern/dtype.h"
 
 namespace deltakern {
 

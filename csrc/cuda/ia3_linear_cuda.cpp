@@ -31,7 +31,7 @@
 
 #include "glue.h"
 #include "ia3_linear.cuh"
-#include "kernels.h"
+#include "ia3_linear.h"
 
 namespace deltakern {
 namespace {

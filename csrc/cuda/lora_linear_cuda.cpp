@@ -1,6 +1,9 @@
 // Torch glue of the CUDA kernels of lora_linear's dropout parts: checks the tensors, fills
 // the framework-free params structs and launches on the current stream of the tensors'
-// device. Compiled by the host compiler; the kernels are in lora_linear.cu.
+// device; and lora_linear's CUDA entry points: the device-neutral decomposition
+// (csrc/lora_linear.cpp), GEMMs in cuBLAS through ATen, with these dropout kernels. Compiled by
+// the host compiler; the kernels are in lora_linear.cu.
+#include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,9 +11,12 @@
 
 #include <cuda_runtime.h>
 
+#include <optional>
+#include <tuple>
+
 #include "glue.h"
-#include "kernels.h"
 #include "lora_linear.cuh"
+#include "lora_linear.h"
 
 namespace deltakern {
 namespace {
@@ -21,10 +27,8 @@ void check_p(double p, const char* op) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout p must be in [0, 1), got ", p);
 }
 
-}  // namespace
-
-void lora_dropout_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p,
-                              int64_t seed, at::Tensor& xa) {
+// LoraDropoutKernels::shrink.
+void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed, at::Tensor& xa) {
   constexpr const char* op = "deltakern.lora_dropout_shrink_cuda";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(1), op,
@@ -63,8 +67,10 @@ void lora_dropout_shrink_cuda(const at::Tensor& x, const at::Tensor& lora_A, dou
               cudaGetErrorString(err));
 }
 
-void lora_dropout_backward_cuda(const at::Tensor& x, at::Tensor& dx_lowrank,
-                                at::Tensor& x_dropped, double p, int64_t seed) {
+// The dropout pass of the backward: dx_lowrank <- dx_lowrank ⊙ mask / (1 - p) in place and
+// x_dropped <- drop(x).
+void dropout_backward_pass(const at::Tensor& x, at::Tensor& dx_lowrank, at::Tensor& x_dropped, double p,
+                           int64_t seed) {
   constexpr const char* op = "deltakern.lora_dropout_backward_cuda";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
   TORCH_CHECK(dx_lowrank.sizes() == x.sizes(), op, ": dx_lowrank must have x's shape ",
@@ -96,6 +102,33 @@ void lora_dropout_backward_cuda(const at::Tensor& x, at::Tensor& dx_lowrank,
       launch_lora_dropout_backward(params, c10::cuda::getCurrentCUDAStream(x.device().index()));
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed for M=", params.M,
               ", K=", params.K, ", dtype ", x.scalar_type(), ": ", cudaGetErrorString(err));
+}
+
+// LoraDropoutKernels::lowrank_backward: the low-rank term from cuBLAS, masked in place by one
+// element-wise kernel that also writes drop(x) for the dA GEMM.
+void dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A, double p,
+                              int64_t seed, at::Tensor& dx, at::Tensor& d_lora_A) {
+  at::mm_out(dx, dxa, lora_A);
+  at::Tensor x_dropped = at::empty_like(x);
+  dropout_backward_pass(x, dx, x_dropped, p, seed);
+  at::mm_out(d_lora_A, dxa.t(), x_dropped);
+}
+
+constexpr LoraDropoutKernels kDropout{&dropout_shrink, &dropout_lowrank_backward};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                        double scaling, double dropout_p, const at::Tensor& seed) {
+  return lora_linear_fwd_gemms(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kDropout);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed) {
+  return lora_linear_bwd_gemms(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, kDropout);
 }
 
 }  // namespace deltakern

@@ -12,8 +12,8 @@
 #include <tuple>
 
 #include "glue.h"
-#include "kernels.h"
 #include "prefix_attention.cuh"
+#include "prefix_attention.h"
 
 namespace deltakern {
 namespace {

@@ -1,6 +1,6 @@
-// The row groups of the column-sum kernels (column_sum.cuh, used by adapter.cu and
-// ia3_linear.cu): consecutive runs of column_sum_group_rows(M) rows, column_sum_row_groups(M)
-// of them, at most kColumnSumMaxRowGroups. A kernel stores one fp32 partial per (group, column);
+// The row groups of the column-sum kernels (column_sum.cuh): consecutive runs of
+// column_sum_group_rows(M) rows, column_sum_row_groups(M) of them, at most
+// kColumnSumMaxRowGroups. A kernel stores one fp32 partial per (group, column);
 // the torch glue allocates them as [column_sum_row_groups(M), columns] and sums them over the
 // groups. Plain C++, so the glue (host compiler) and the kernels (nvcc) share one rule.
 #pragma once

@@ -49,7 +49,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltakern.reference.adapter import ACTIVATIONS, activation_fn
+from deltakern.activations import ACTIVATIONS, activation_fn
 from tests.csrc.nvcc import DTYPE_CODE, NVCC, build_harness
 
 HARNESS = Path(__file__).resolve().with_name("elementwise_cuda_host.cu")

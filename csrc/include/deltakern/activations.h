@@ -1,10 +1,13 @@
-// The activations of the adapter op, their values and derivatives: one formula each, shared by
-// the CPU kernels (fp32 in 16-lane vectors, fp64 in scalars) and the CUDA kernels (fp32 math for
-// every dtype). Framework-free, host and device (nvcc) alike.
+// The activations, their values and derivatives: one formula each, shared by the CPU kernels
+// (fp32 in 16-lane vectors, fp64 in scalars) and the CUDA kernels (fp32 math for every dtype).
+// Framework-free, host and device (nvcc) alike.
 //
-// The codes are the indices of deltakern.reference.adapter.ACTIVATIONS ("relu", "gelu",
-// "gelu_tanh", "silu", "tanh") and travel as an int through the op schemas. Each formula is the
-// one PyTorch evaluates (aten/src/ATen/native/cpu/Activation.cpp, GeluKernel.cpp):
+// The table they follow is deltakern/activations.py: a code is the index of its name in
+// ACTIVATIONS ("relu", "gelu", "gelu_tanh", "silu", "tanh") and travels as an int through the op
+// schemas. enum class Activation lists the codes and kActivationNames the names, in that order;
+// deltakern._C exports kActivationNames as deltakern._C.activations, and
+// tests/test_activations.py checks it against ACTIVATIONS. Each formula is the one PyTorch
+// evaluates (aten/src/ATen/native/cpu/Activation.cpp, GeluKernel.cpp):
 //   relu       max(x, 0)                           relu'      x <= 0 ? 0 : 1 (0 at 0; 1 at NaN, as
 //                                                             torch's threshold_backward)
 //   gelu       x Φ(x) = x (1 + erf(x/√2)) / 2       gelu'      Φ(x) + x φ(x), φ(x) = e^(-x²/2)/√(2π)
@@ -16,7 +19,7 @@
 // The formulas are templates on the value type T and a Math policy that supplies exp, erf and
 // tanh of T and names the scalar type of T's elements (Math::Scalar). ScalarMath<float|double>
 // calls the C library on the host and CUDA's functions on the device; the CPU kernels pass a
-// policy of GCC vector types (csrc/cpu/adapter.cpp), for which the same expressions compile to
+// policy of GCC vector types (their VecMath), for which the same expressions compile to
 // lane-wise vector code: scalar operands broadcast, comparisons give lane masks and `?:`
 // selects lane-wise. So every formula is written with Scalar constants, T{} for zero, and
 // selects whose two arms are both T.
@@ -43,6 +46,11 @@ namespace deltakern {
 enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kTanh = 4 };
 
 constexpr int kNumActivations = 5;
+
+// The name of each activation, in code order (deltakern/activations.py's ACTIVATIONS).
+inline constexpr const char* kActivationNames[] = {"relu", "gelu", "gelu_tanh", "silu", "tanh"};
+static_assert(sizeof(kActivationNames) / sizeof(kActivationNames[0]) == kNumActivations,
+              "one name per activation code");
 
 // Whether an int from the op schema names an activation.
 DELTAKERN_HD bool is_activation_code(int64_t code) { return code >= 0 && code < kNumActivations; }

@@ -10,7 +10,7 @@
 #include <cstdint>
 
 #include "deltakern/activations.h"  // Activation
-#include "deltakern/lora_params.h"  // DType
+#include "deltakern/dtype.h"
 
 namespace deltakern {
 

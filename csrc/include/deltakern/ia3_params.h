@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "deltakern/lora_params.h"  // DType
+#include "deltakern/dtype.h"
 
 namespace deltakern {
 

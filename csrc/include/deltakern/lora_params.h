@@ -4,9 +4,9 @@
 
 #include <cstdint>
 
-namespace deltakern {
+#include "deltakern/dtype.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace deltakern {
 
 // xa[M, R] = drop(x)[M, K] @ lora_A[R, K]^T, accumulated in fp32 and stored in `dtype`.
 // x, lora_A and xa are row-major and contiguous. drop() multiplies element e = m * K + k by

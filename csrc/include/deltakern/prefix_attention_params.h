@@ -13,7 +13,7 @@
 
 #include <cstdint>
 
-#include "deltakern/lora_params.h"  // DType
+#include "deltakern/dtype.h"
 
 namespace deltakern {
 

@@ -1,0 +1,63 @@
+// Entry points of lora_linear, y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ. Its forward and backward are
+// one device-neutral GEMM decomposition (csrc/lora_linear.cpp) that each device's entry points
+// call with the device's dropout kernels (csrc/cpu/lora_linear.cpp, csrc/cuda/lora_linear_cuda.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace deltakern {
+
+// A device's kernels of the dropout parts, on contiguous 2-D tensors of one dtype and device,
+// with p in (0, 1) and the keep mask of philox.h for (seed, p).
+struct LoraDropoutKernels {
+  // xa [M, R] = drop(x) lora_Aᵀ without materialising drop(x). x [M, K], lora_A [R, K], xa
+  // preallocated.
+  void (*shrink)(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed, at::Tensor& xa);
+  // The low-rank part of the backward:
+  //   dx [M, K] <- mask ⊙ (dxa lora_A) / (1 - p)      d_lora_A [R, K] <- dxaᵀ drop(x)
+  // x [M, K], dxa [M, R], lora_A [R, K]; dx and d_lora_A preallocated.
+  void (*lowrank_backward)(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A, double p,
+                           int64_t seed, at::Tensor& dx, at::Tensor& d_lora_A);
+};
+
+// The decomposition. Forward: out [M, N] = x Wᵀ + b + s · xa Bᵀ with xa [M, R] = drop(x) Aᵀ;
+// returns (out, xa). Backward: returns (dx [M, K], dA [R, K], dB [N, R]) for grad_out [M, N].
+// x [M, K], weight [N, K], bias [N] or none, lora_A [R, K], lora_B [N, R]; seed is a one-element
+// int64 CPU tensor.
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_gemms(const at::Tensor& x, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                         double scaling, double dropout_p, const at::Tensor& seed,
+                                                         const LoraDropoutKernels& dropout);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_gemms(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed,
+    const LoraDropoutKernels& dropout);
+
+// The op's kernels, the decomposition with the device's dropout kernels.
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                       double scaling, double dropout_p, const at::Tensor& seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed);
+
+// Bool [rows, cols] keep-mask of the dropout of (seed, p): exposes philox.h to the tests.
+at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double p, int64_t seed);
+
+#ifdef DELTAKERN_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                        double scaling, double dropout_p, const at::Tensor& seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed);
+#endif
+
+}  // namespace deltakern
