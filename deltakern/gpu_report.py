@@ -1,7 +1,7 @@
 """``deltakern bench --gpu-report``: how the GPU kernels compile for sm_80 and sm_90, without a GPU.
 
-Triton: every kernel of every op, every autotune config, at the variants ``triton_kernels.aot``
-covers (LoRA ranks, adapter bottlenecks, attention head dims, the side of the (IA)³ scale), in
+Triton: every kernel of every op, every autotune config, at the variants each op declares for
+``triton_kernels.aot`` (its ``AOT``: the ranks, head dims or modes that change the tiles), in
 fp16 and bf16, compiled ahead of time for sm_80 and sm_90; ptxas gives registers and spill bytes,
 the PTX whether ``tl.dot`` lowered to tensor-core instructions (``mma.sync``, ``wgmma.mma_async``).
 
@@ -30,7 +30,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-TRITON_OPS = ("lora_linear", "prefix_attention", "adapter", "ia3_linear")
+from deltakern import registry
+
+_OPS = registry.ops()
+# The ops with Triton kernels, in registration order.
+TRITON_OPS = tuple(name for name, spec in _OPS.items() if "triton" in spec.backends)
 ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16")
 # Concurrent compile subprocesses: the two cores of the development machine and of CI runners.
@@ -39,7 +43,10 @@ WORKERS = 2
 # shared memory is sized at launch and is not in the cubin.
 CUDA_STATIC_SHARED_LIMIT = 48 * 1024
 # CUDA kernels written without tensor cores on purpose: op -> what the report says of them.
-CUDA_SIMT_BY_DESIGN = {"prefix_attention": "SIMT"}
+CUDA_SIMT_BY_DESIGN = {name: "SIMT" for name, spec in _OPS.items() if spec.cuda_tensor_cores == "SIMT"}
+# Ops whose CUDA GEMMs are cuBLAS calls, outside deltakern's cubins (their own kernels are
+# element-wise).
+CUDA_GEMMS_IN_CUBLAS = tuple(name for name, spec in _OPS.items() if spec.cuda_tensor_cores == "cuBLAS")
 
 COLUMNS = ("source", "op", "kernel", "config", "arch", "dtype", "registers", "spill_bytes", "stack_bytes",
            "local_bytes", "shared_bytes", "shared_limit", "uses_dot", "mma", "wgmma", "tensor_cores", "status",
@@ -124,7 +131,7 @@ def _triton_worker(op: str, arch: int, dtypes: list[str]) -> list[dict]:
     """
     from deltakern.triton_kernels import aot
 
-    spec = aot.OPS[op]
+    spec = aot.aot_spec(op)
     rows = []
     for job in aot.compile_jobs(op, dtypes=tuple(dtypes), archs=(arch,)):
         tile = {k: v for k, v in spec.variant_constexprs(job.kernel, job.variant).items() if k.startswith("BLOCK_")}
@@ -273,7 +280,7 @@ def _demangled_parts(mangled: str) -> tuple[str, str, str]:
     """(kernel name, template arguments, dtype) of a mangled kernel symbol, namespaces dropped."""
     import torch
 
-    from deltakern.reference.adapter import ACTIVATIONS
+    from deltakern.activations import ACTIVATIONS
 
     full = torch._C._demangle(mangled)
     full = re.sub(r"[\w:]*\(anonymous namespace\)::|deltakern::(\w+::)?", "", full)
@@ -366,6 +373,12 @@ def _kib(n: int | None) -> str:
     return "-" if n is None else f"{n / 1024:.1f}"
 
 
+def _spoken_list(names) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    *rest, last = names
+    return f"{', '.join(rest)} and {last}" if rest else last
+
+
 def format_table(rows: list[ReportRow]) -> str:
     """The terminal table: per (source, op, kernel, arch) the worst case over configs, dtypes and
     variants, then unavailable parts, failing rows and summary lines."""
@@ -408,8 +421,9 @@ def format_table(rows: list[ReportRow]) -> str:
         if simt:
             lines.append(f"CUDA {', '.join(simt)} kernels are fp32 SIMT by design (no tensor cores yet); "
                          "not a failure. Shared memory of CUDA kernels is their static __shared__ only.")
-        lines.append("CUDA GEMMs of lora_linear, adapter and ia3_linear go through cuBLAS (not in deltakern's "
-                     "cubins).")
+        if CUDA_GEMMS_IN_CUBLAS:
+            lines.append(f"CUDA GEMMs of {_spoken_list(CUDA_GEMMS_IN_CUBLAS)} go through cuBLAS (not in "
+                         "deltakern's cubins).")
     return "\n".join(lines)
 
 

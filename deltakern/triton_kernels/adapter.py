@@ -2,8 +2,8 @@
 
 Shapes (2-D views, contiguous, one dtype): h ``[M, N]`` (N = d, the hidden size), w_down
 ``[R, N]``, b_down ``[R]``, w_up ``[N, R]``, b_up ``[N]``, residual ``[M, N]`` (h when None),
-s = scaling, act = the activation of code ``ACTIVATION`` (``reference.adapter.ACTIVATIONS``:
-0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu, 4 tanh), a = act(pre).
+s = scaling, act = the activation of code ``ACTIVATION`` (``deltakern.activations.CODES``: relu,
+gelu (erf), gelu_tanh, silu, tanh), a = act(pre).
 
 Forward, two kernels:
   1. down  ``pre = h w_down^T + b_down``, and act in its epilogue: ``a = act(pre)``   ``[M, R]`` x 2
@@ -27,7 +27,7 @@ dw_down, db_up and db_down are sums over M split across programs and added with 
 (so their low bits depend on the order programs finish).
 
 The bottleneck R is padded to ``BLOCK_R`` (a power of two >= 16, tl.dot's smallest dimension)
-where it is a dimension of a tile (kernels 1, 3, 4, 5), as lora_linear does; kernel 2 walks R
+where it is a dimension of a tile (kernels 1, 3, 4, 5); kernel 2 walks R
 ``UP_BLOCK_R`` at a time. Row and column edges of loads are wrapped onto valid rows / columns
 (``% M``, ``% N``, ``% R``) where the wrapped values only reach elements that are never stored, so
 only the reduction edge needs a load mask; loads feeding a sum over M are masked instead.
@@ -35,13 +35,12 @@ only the reduction edge needs a load mask; loads feeding a sum over M are masked
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from deltakern.triton_kernels.lora_linear import _grouped_tile, block_r, dot_precision
+from deltakern.activations import CODES
+from deltakern.triton_kernels.common import AotSpec, block_r, dot_precision, grouped_tile, launch
 
 # --------------------------------------------------------------------------------------------
 # Autotune configurations (sm_80 / sm_90), one small config for the interpreter
@@ -52,7 +51,7 @@ from deltakern.triton_kernels.lora_linear import _grouped_tile, block_r, dot_pre
 # the register high-water mark), down and dz with both gelus. Figures after each config are the
 # most registers ptxas -v reported at BLOCK_R 64, "sm_80 / sm_90", over fp16 / bf16, all five
 # activations, and R both unaligned and a multiple of 16 (the JIT specialises the two apart; the
-# compile test takes R unaligned, as for lora_linear). sm_80 is the tight target: mma.sync keeps
+# compile test takes R unaligned). sm_80 is the tight target: mma.sync keeps
 # both dot operands in registers, where sm_90's wgmma reads one from shared memory.
 
 # NOTE (down): h is streamed once into a thin [BLOCK_M, R] result, so the kernel is memory bound:
@@ -84,9 +83,9 @@ UP_CONFIGS = [
 
 # NOTE (dz): a program owns BLOCK_M rows and walks all N columns of dOut once, accumulating
 # [BLOCK_M, R]; act', act and the db_down column sum are its epilogue. The grid is M / BLOCK_M,
-# so 32-row tiles matter (64 rows give only 64 CTAs at M = 4096). Unlike lora's dY kernel it
-# keeps no [BLOCK_N, R] weight-gradient partial per column tile (dw_up is summed in kernel 4 over
-# M_TILES row tiles before its atomics, 1/M_TILES of the atomics). The epilogue's live set grows
+# so 32-row tiles matter (64 rows give only 64 CTAs at M = 4096). It keeps no [BLOCK_N, R]
+# weight-gradient partial per column tile (dw_up is summed in kernel 4 over M_TILES row tiles
+# before its atomics, 1/M_TILES of the atomics). The epilogue's live set grows
 # with the activation (gelu and gelu_tanh are the heaviest) and BLOCK_M * BLOCK_R per thread:
 # 128-row tiles reached 249-255 registers on sm_90 and spilled at 128x32 / 8 warps (12 B), and
 # 64x64 / 4 warps spilled 24 B on sm_90 with gelu, so the 64-row tiles run 8 warps.
@@ -145,7 +144,14 @@ _INTERPRETER_CONFIG = {
 # --------------------------------------------------------------------------------------------
 
 # Constants are literals in the functions: a tl.constexpr global times a tensor stays a constexpr
-# under the interpreter, which then breaks tl.abs / tl.exp on it.
+# under the interpreter, which then breaks tl.abs / tl.exp on it. The activation codes are
+# tl.constexpr globals all the same: they are only compared with the ACTIVATION constexpr, which
+# both the interpreter and the compiler resolve before any tensor is touched.
+RELU = tl.constexpr(CODES["relu"])
+GELU = tl.constexpr(CODES["gelu"])
+GELU_TANH = tl.constexpr(CODES["gelu_tanh"])
+SILU = tl.constexpr(CODES["silu"])
+TANH = tl.constexpr(CODES["tanh"])
 
 
 @triton.jit
@@ -168,16 +174,17 @@ def _tanh(x):
 @triton.jit
 def _act(x, ACTIVATION: tl.constexpr):
     """act(x) for the activation code (relu, gelu, gelu_tanh, silu, tanh)."""
-    if ACTIVATION == 0:
+    if ACTIVATION == RELU:
         y = tl.maximum(x, 0.0)
-    elif ACTIVATION == 1:
+    elif ACTIVATION == GELU:
         y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # x Phi(x), 1/sqrt(2)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == GELU_TANH:
         # sqrt(2 / pi) = 0.7978845608028654
         y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    elif ACTIVATION == 3:
+    elif ACTIVATION == SILU:
         y = x * tl.sigmoid(x)
     else:
+        tl.static_assert(ACTIVATION == TANH, "ACTIVATION is not a code of deltakern.activations.CODES")
         y = _tanh(x)
     return y
 
@@ -185,19 +192,20 @@ def _act(x, ACTIVATION: tl.constexpr):
 @triton.jit
 def _act_grad(x, ACTIVATION: tl.constexpr):
     """act'(x) for the activation code, as PyTorch's backward formulas give it."""
-    if ACTIVATION == 0:
+    if ACTIVATION == RELU:
         g = tl.where(x <= 0.0, 0.0, 1.0)  # 1 at NaN, as torch's threshold_backward
-    elif ACTIVATION == 1:
+    elif ACTIVATION == GELU:
         # Phi(x) + x phi(x); 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327
         g = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == GELU_TANH:
         # d/dx 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
         t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
         g = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-    elif ACTIVATION == 3:
+    elif ACTIVATION == SILU:
         sig = tl.sigmoid(x)
         g = sig * (1.0 + x * (1.0 - sig))
     else:
+        tl.static_assert(ACTIVATION == TANH, "ACTIVATION is not a code of deltakern.activations.CODES")
         t = _tanh(x)
         g = 1.0 - t * t
     return g
@@ -251,7 +259,7 @@ def _adapter_up_kernel(
 
     The rank is walked BLOCK_R (UP_BLOCK_R) at a time, so registers do not grow with R.
     """
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M
@@ -388,13 +396,61 @@ adapter_dh_kernel = triton.autotune(DH_CONFIGS, key=["M", "N", "R"],
                                     reset_to_zero=["dwu_ptr", "dbu_ptr"])(_adapter_dh_kernel)
 adapter_dwd_kernel = triton.autotune(DWD_CONFIGS, key=["M", "N", "R"], reset_to_zero=["dwd_ptr"])(_adapter_dwd_kernel)
 
-_CONFIG_FAMILY = {
-    adapter_down_kernel: "down",
-    adapter_up_kernel: "up",
-    adapter_dz_kernel: "dz",
-    adapter_dh_kernel: "dh",
-    adapter_dwd_kernel: "dwd",
-}
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compiles (triton_kernels.aot)
+# --------------------------------------------------------------------------------------------
+
+# Bottlenecks compiled: 16 (BLOCK_R 16, r <= 16) and 64, the usual bottleneck of BERT-size
+# adapters and the register high-water mark the configs are chosen to fit without spills.
+BOTTLENECKS = (16, 64)
+
+
+def _aot_signatures(dtype: str) -> dict:
+    """Runtime argument types of each kernel for ``dtype`` inputs."""
+    t = f"*{dtype}"
+    sizes = {"M": "i32", "N": "i32", "R": "i32"}
+    down = {"h_ptr": t, "wd_ptr": t, "bd_ptr": t, "pre_ptr": t, "act_ptr": t, **sizes}
+    dz = {"dy_ptr": t, "wu_ptr": t, "pre_ptr": t, "dpre_ptr": t, "act_ptr": t, "dbd_ptr": "*fp32",
+          **sizes, "scaling": "fp32"}
+    return {
+        "down_gelu": down,
+        "down_gelu_tanh": down,
+        "up": {"act_ptr": t, "wu_ptr": t, "bu_ptr": t, "res_ptr": t, "out_ptr": t, **sizes, "scaling": "fp32"},
+        # The weight and bias gradients are fp32 buffers summed with atomics.
+        "dz_gelu": dz,
+        "dz_gelu_tanh": dz,
+        "dh": {"dy_ptr": t, "wd_ptr": t, "dpre_ptr": t, "act_ptr": t, "dh_ptr": t,
+               "dwu_ptr": "*fp32", "dbu_ptr": "*fp32", **sizes, "scaling": "fp32"},
+        "dwd": {"dpre_ptr": t, "h_ptr": t, "dwd_ptr": "*fp32", **sizes},
+    }
+
+
+AOT = AotSpec(
+    # Flags at the heaviest variant: biases present, the residual gradient added. The two kernels
+    # that evaluate the activation are compiled with both gelus, the activations with the most
+    # live state (erf's polynomial; tanh, a cubic and their products); relu, silu and tanh need
+    # less (all five were checked, see the NOTE on the configs above).
+    kernels={
+        "down_gelu": (adapter_down_kernel, {"HAS_BIAS": True, "ACTIVATION": CODES["gelu"]}),
+        "down_gelu_tanh": (adapter_down_kernel, {"HAS_BIAS": True, "ACTIVATION": CODES["gelu_tanh"]}),
+        "up": (adapter_up_kernel, {"HAS_BIAS": True}),
+        "dz_gelu": (adapter_dz_kernel, {"ACTIVATION": CODES["gelu"]}),
+        "dz_gelu_tanh": (adapter_dz_kernel, {"ACTIVATION": CODES["gelu_tanh"]}),
+        "dh": (adapter_dh_kernel, {"RESIDUAL_IS_H": True}),
+        "dwd": (adapter_dwd_kernel, {}),
+    },
+    signatures=_aot_signatures,
+    variants=BOTTLENECKS,
+    variant_tag="r",
+    # The up kernel walks the bottleneck UP_BLOCK_R ranks at a time; the others hold all of it.
+    variant_constexprs=lambda kernel, r: {
+        "BLOCK_R": UP_BLOCK_R if kernel == "up" else block_r(r), "DOT_PRECISION": "tf32"},
+    # Pointers from the caching allocator are 16-byte aligned and the hidden size d of real
+    # models is a multiple of 16; the bottleneck r is left unspecialised (8, 48 and 100 are all
+    # used).
+    divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name == "N"),
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,20 +458,12 @@ _CONFIG_FAMILY = {
 # --------------------------------------------------------------------------------------------
 
 
-def _launch(kernel, grid, *args, **constexprs):
-    """Autotuned launch on a GPU; the single small config under TRITON_INTERPRET=1."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        kernel.fn[grid](*args, **constexprs, **_INTERPRETER_CONFIG[_CONFIG_FAMILY[kernel]])
-    else:
-        kernel[grid](*args, **constexprs)
-
-
 def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, activation: int, scaling: float):
     """Forward of adapter.
 
     h ``[M, d]``, w_down ``[r, d]``, b_down ``[r]`` or None, w_up ``[d, r]``, b_up ``[d]`` or
-    None, residual ``[M, d]`` or None (then h); one dtype. activation is the code of
-    ``reference.adapter.ACTIVATIONS``. Returns ``out = residual + scaling * (act(pre) w_up^T +
+    None, residual ``[M, d]`` or None (then h); one dtype. activation is a code of
+    ``deltakern.activations.CODES``. Returns ``out = residual + scaling * (act(pre) w_up^T +
     b_up)`` ``[M, d]`` and ``pre = h w_down^T + b_down`` ``[M, r]``, both in h's dtype.
     """
     assert h.dim() == 2 and w_down.dim() == 2 and w_up.dim() == 2
@@ -434,15 +482,17 @@ def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, activation: int, scalin
     # evaluating the activation on its [BLOCK_M, r] rows again.
     act = torch.empty((M, R), dtype=h.dtype, device=h.device)
     precision = dot_precision(h.dtype)
-    _launch(
+    launch(
         adapter_down_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
         h, w_down, b_down, pre, act, M, N, R,
+        interpreter_config=_INTERPRETER_CONFIG["down"],
         HAS_BIAS=b_down is not None, ACTIVATION=activation, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     if N > 0:
-        _launch(
+        launch(
             adapter_up_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
             act, w_up, b_up, residual, out, M, N, R, scaling,
+            interpreter_config=_INTERPRETER_CONFIG["up"],
             HAS_BIAS=b_up is not None, BLOCK_R=UP_BLOCK_R, DOT_PRECISION=precision,
         )
     return out, pre
@@ -475,21 +525,24 @@ def adapter_bwd(grad_out, h, w_down, w_up, pre, activation: int, scaling: float,
         # the dz kernel (which evaluates act' there anyway) and written once for the dh kernel.
         dpre = torch.empty((M, R), dtype=dtype, device=device)
         act = torch.empty((M, R), dtype=dtype, device=device)
-        _launch(
+        launch(
             adapter_dz_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
             grad_out, w_up, pre, dpre, act, db_down, M, N, R, scaling,
+            interpreter_config=_INTERPRETER_CONFIG["dz"],
             ACTIVATION=activation, BLOCK_R=block_r(R), DOT_PRECISION=precision,
         )
         if N > 0:
             split_m = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"] * meta["M_TILES"]))
-            _launch(
+            launch(
                 adapter_dh_kernel, split_m,
                 grad_out, w_down, dpre, act, dh, dw_up, db_up, M, N, R, scaling,
+                interpreter_config=_INTERPRETER_CONFIG["dh"],
                 RESIDUAL_IS_H=residual_is_h, BLOCK_R=block_r(R), DOT_PRECISION=precision,
             )
-            _launch(
+            launch(
                 adapter_dwd_kernel, split_m,
                 dpre, h, dw_down, M, N, R,
+                interpreter_config=_INTERPRETER_CONFIG["dwd"],
                 BLOCK_R=block_r(R), DOT_PRECISION=precision,
             )
     return dh, dw_down.to(dtype), db_down.to(dtype), dw_up.to(dtype), db_up.to(dtype)

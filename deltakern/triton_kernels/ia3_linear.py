@@ -23,23 +23,22 @@ strides are the dimensions themselves and the unit stride is known at compile ti
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from deltakern.triton_kernels.lora_linear import _grouped_tile, dot_precision
+from deltakern.triton_kernels.common import AotSpec, dot_precision, grouped_tile, interpreted, launch
 
 # --------------------------------------------------------------------------------------------
 # Autotune configurations (sm_80 / sm_90), one small config for the interpreter
 # --------------------------------------------------------------------------------------------
 
 # Every config below is checked by tests/triton_kernels/test_compile.py to compile without
-# register spills on sm_80 and sm_90, fp16 and bf16, with the scale on either side. They are
-# lora_linear's GEMM tiles, for the reasons given there: 128x128 is the throughput tile, 128x64 /
-# 64x128 keep more CTAs in flight when M or N (K for dx) is only a few tiles, BLOCK_K 32 with 4
-# stages and 64 with 3 keep the cp.async / TMA pipeline full, GROUP_M = 8 reuses W from L2.
+# register spills on sm_80 and sm_90, fp16 and bf16, with the scale on either side. They are the
+# classic tensor-core GEMM tiles: 128x128 is the throughput tile, 128x64 / 64x128 keep more CTAs
+# in flight when M or N (K for dx) is only a few tiles, BLOCK_K 32 with 4 stages and 64 with 3
+# keep the cp.async / TMA pipeline full within shared memory, GROUP_M = 8 walks tiles in column
+# groups so the W tiles are reused from L2.
 # Figures after each config are the most registers ptxas -v reported over fp16 / bf16,
 # "sm_80 / sm_90", as fwd (output scale, input scale); bwd (output scale, input scale). The
 # heavy ones are the output-scale forward (z and out both stored from the accumulator) and the
@@ -78,7 +77,7 @@ def _ia3_fwd_kernel(
     """SCALE_INPUT: out[M, N] = (x[M, K] * s[K]) @ W[N, K]^T + bias[N].
     Otherwise: z[M, N] = x @ W^T + bias and out = z * s[N].
     """
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Edge rows / columns are wrapped onto valid ones for the loads (their results are never
@@ -129,7 +128,7 @@ def _ia3_bwd_kernel(
     one step ahead in registers spilled (8 B at 64x128x32 / 4 warps on sm_80), and a load
     masked by ``pid_n == 0`` instead of the branch reached 250 registers at 128x128x64 on sm_80.
     """
-    pid_m, pid_n = _grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M
@@ -169,20 +168,42 @@ ia3_bwd_kernel = triton.autotune(GEMM_CONFIGS, key=["M", "N", "K", "SCALE_INPUT"
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers
+# Ahead-of-time compiles (triton_kernels.aot)
 # --------------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _aot_signatures(dtype: str) -> dict:
+    """Runtime argument types of each kernel for ``dtype`` inputs."""
+    t = f"*{dtype}"
+    sizes = {"M": "i32", "N": "i32", "K": "i32"}
+    return {
+        "fwd": {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "scale_ptr": t, "out_ptr": t, "z_ptr": t, **sizes},
+        # ds is an fp32 buffer of per-row-tile partial sums.
+        "bwd": {"dy_ptr": t, "w_ptr": t, "unscaled_ptr": t, "scale_ptr": t, "dx_ptr": t, "ds_ptr": "*fp32", **sizes},
+    }
 
 
-def _launch(kernel, grid, *args, **constexprs):
-    """Autotuned launch on a GPU; the single small config under TRITON_INTERPRET=1."""
-    if _interpreted():
-        kernel.fn[grid](*args, **constexprs, **_INTERPRETER_CONFIG)
-    else:
-        kernel[grid](*args, **constexprs)
+AOT = AotSpec(
+    # Flags at the heavier variant (bias present); the scale's side is the variant.
+    kernels={
+        "fwd": (ia3_fwd_kernel, {"HAS_BIAS": True}),
+        "bwd": (ia3_bwd_kernel, {}),
+    },
+    signatures=_aot_signatures,
+    # No size changes the tiles: each kernel is compiled with the scale on the output (0) and on
+    # the input (1) side.
+    variants=(0, 1),
+    variant_tag="scale_input",
+    variant_constexprs=lambda kernel, side: {"SCALE_INPUT": bool(side), "DOT_PRECISION": "tf32"},
+    # Pointers from the caching allocator are 16-byte aligned, and the feature sizes N, K of real
+    # layers are multiples of 16: the specialisation the JIT makes at run time.
+    divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name in ("N", "K")),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
 
 
 def _partial_rows(M: int) -> int:
@@ -194,7 +215,7 @@ def _partial_rows(M: int) -> int:
     against the 64 MiB of bf16 dY the GEMM reads. fp32 atomics into one row would save only that
     row sum (one small launch): they need a zeroed buffer and a final cast all the same.
     """
-    block_m = _INTERPRETER_CONFIG["BLOCK_M"] if _interpreted() else min(c.kwargs["BLOCK_M"] for c in GEMM_CONFIGS)
+    block_m = _INTERPRETER_CONFIG["BLOCK_M"] if interpreted() else min(c.kwargs["BLOCK_M"] for c in GEMM_CONFIGS)
     return triton.cdiv(M, block_m)
 
 
@@ -216,9 +237,9 @@ def ia3_linear_fwd(x, weight, bias, scale, scale_input: bool):
     z = torch.empty((0 if scale_input else M, N), dtype=x.dtype, device=x.device)
     # K = 0 still launches: the loop is empty and the epilogue writes the (scaled) bias or 0.
     if M > 0 and N > 0:
-        _launch(
+        launch(
             ia3_fwd_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-            x, weight, bias, scale, out, z, M, N, K,
+            x, weight, bias, scale, out, z, M, N, K, interpreter_config=_INTERPRETER_CONFIG,
             SCALE_INPUT=scale_input, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype),
         )
     return out, z
@@ -241,9 +262,9 @@ def ia3_linear_bwd(grad_out, unscaled, weight, scale, scale_input: bool):
     partial = torch.zeros((_partial_rows(M), scale.shape[0]), dtype=torch.float32, device=grad_out.device)
     if M > 0 and K > 0:
         # N = 0 still launches: the loop is empty, dx and the ds partials are written as 0.
-        _launch(
+        launch(
             ia3_bwd_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
-            grad_out, weight, unscaled, scale, dx, partial, M, N, K,
+            grad_out, weight, unscaled, scale, dx, partial, M, N, K, interpreter_config=_INTERPRETER_CONFIG,
             SCALE_INPUT=scale_input, DOT_PRECISION=dot_precision(grad_out.dtype),
         )
     elif not scale_input and M > 0:

@@ -19,12 +19,11 @@ The rank is padded to ``BLOCK_R`` (a power of two >= 16) so that it can feed ``t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from deltakern.triton_kernels.common import AotSpec, block_r, dot_precision, grouped_tile, launch
 from deltakern.triton_kernels.rng import dropout_keep, philox_seed
 
 # --------------------------------------------------------------------------------------------
@@ -111,20 +110,6 @@ _R_CHUNK = tl.constexpr(16)
 
 
 @triton.jit
-def _grouped_tile(rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of this program, walking GROUP_M row tiles per column sweep."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(rows, BLOCK_ROWS)
-    tiles_n = tl.cdiv(cols, BLOCK_COLS)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    return pid_m.to(tl.int64), pid_n.to(tl.int64)
-
-
-@triton.jit
 def _low_rank_tile(left_ptr, right_ptr, rows, cols, R, right_stride_r, right_stride_col,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] tile of left[rows, :R] @ right[:R, cols].
@@ -179,7 +164,7 @@ def _lora_fwd_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ W[N, K]^T + bias[N] + scaling * xa[M, R] @ B[N, R]^T."""
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Edge rows / columns are wrapped onto valid ones for the loads (their results are never
@@ -274,7 +259,7 @@ def _lora_dx_kernel(
 
     GEMM naming: the output tile is BLOCK_M x BLOCK_N over (M, K); BLOCK_K steps through N.
     """
-    pid_m, pid_n = _grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M
@@ -304,39 +289,58 @@ lora_da_kernel = triton.autotune(DA_CONFIGS, key=["M", "K", "R"], reset_to_zero=
 lora_dx_kernel = triton.autotune(GEMM_CONFIGS, key=["M", "N", "K"])(_lora_dx_kernel)
 lora_dx_dropout_kernel = triton.autotune(DX_DROPOUT_CONFIGS, key=["M", "N", "K"])(_lora_dx_kernel)
 
-_CONFIG_FAMILY = {
-    lora_shrink_kernel: "shrink",
-    lora_fwd_kernel: "gemm",
-    lora_dy_kernel: "dy",
-    lora_da_kernel: "da",
-    lora_dx_kernel: "gemm",
-    lora_dx_dropout_kernel: "gemm",
-}
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compiles (triton_kernels.aot)
+# --------------------------------------------------------------------------------------------
+
+# LoRA ranks compiled: BLOCK_R 16 covers r <= 16, the usual case; 64 is the largest common rank
+# and the register high-water mark the configs are chosen to fit without spills.
+RANKS = (16, 64)
+
+
+def _aot_signatures(dtype: str) -> dict:
+    """Runtime argument types of each kernel for ``dtype`` inputs."""
+    t = f"*{dtype}"
+    rng = {"seed": "i64", "p": "fp32", "keep_scale": "fp32"}
+    dx = {"dy_ptr": t, "w_ptr": t, "dxa_ptr": t, "a_ptr": t, "dx_ptr": t,
+          "M": "i32", "N": "i32", "K": "i32", "R": "i32", **rng}
+    return {
+        "shrink": {"x_ptr": t, "a_ptr": t, "xa_ptr": t, "M": "i32", "K": "i32", "R": "i32", **rng},
+        "fwd": {"x_ptr": t, "w_ptr": t, "bias_ptr": t, "xa_ptr": t, "b_ptr": t, "out_ptr": t,
+                "M": "i32", "N": "i32", "K": "i32", "R": "i32", "scaling": "fp32"},
+        "dy": {"dy_ptr": t, "b_ptr": t, "xa_ptr": t, "dxa_ptr": t, "db_ptr": "*fp32",
+               "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32"},
+        "da": {"dxa_ptr": t, "x_ptr": t, "da_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32", **rng},
+        "dx": dx,
+        "dx_dropout": dx,
+    }
+
+
+AOT = AotSpec(
+    # Flags at the heavier variant (dropout on, bias present); dx has one autotuner per variant
+    # because dropout changes which tiles fit in registers.
+    kernels={
+        "shrink": (lora_shrink_kernel, {"HAS_DROPOUT": True}),
+        "fwd": (lora_fwd_kernel, {"HAS_BIAS": True}),
+        "dy": (lora_dy_kernel, {}),
+        "da": (lora_da_kernel, {"HAS_DROPOUT": True}),
+        "dx": (lora_dx_kernel, {"HAS_DROPOUT": False}),
+        "dx_dropout": (lora_dx_dropout_kernel, {"HAS_DROPOUT": True}),
+    },
+    signatures=_aot_signatures,
+    variants=RANKS,
+    variant_tag="r",
+    variant_constexprs=lambda kernel, rank: {"BLOCK_R": block_r(rank), "DOT_PRECISION": "tf32"},
+    # Pointers from the caching allocator are 16-byte aligned, and the row lengths (K, N) of
+    # real layers are multiples of 16: the specialisation the JIT makes at run time.
+    divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name in ("N", "K")),
+)
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-
-
-def block_r(rank: int) -> int:
-    """The padded rank block: a power of two, at least 16 (tl.dot's smallest dimension)."""
-    return max(16, triton.next_power_of_2(rank))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: TF32 for fp32 only when PyTorch allows it now; 16-bit ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _launch(kernel, grid, *args, **constexprs):
-    """Autotuned launch on a GPU; the single small config under TRITON_INTERPRET=1."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        kernel.fn[grid](*args, **constexprs, **_INTERPRETER_CONFIG[_CONFIG_FAMILY[kernel]])
-    else:
-        kernel[grid](*args, **constexprs)
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
@@ -356,14 +360,16 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     xa = torch.empty((M, R), dtype=x.dtype, device=x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     precision = dot_precision(x.dtype)
-    _launch(
+    launch(
         lora_shrink_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
         x, lora_A, xa, M, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
+        interpreter_config=_INTERPRETER_CONFIG["shrink"],
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
-    _launch(
+    launch(
         lora_fwd_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
         x, weight, bias, xa, lora_B, out, M, N, K, R, scaling,
+        interpreter_config=_INTERPRETER_CONFIG["gemm"],
         HAS_BIAS=bias is not None, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     return out, xa
@@ -392,21 +398,24 @@ def lora_linear_bwd(grad_out, x, weight, lora_A, lora_B, xa, scaling: float, dro
     db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
     da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-    _launch(
+    launch(
         lora_dy_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
         grad_out, lora_B, xa, dxa, db, M, N, R, scaling,
+        interpreter_config=_INTERPRETER_CONFIG["dy"],
         BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
-    _launch(
+    launch(
         lora_da_kernel,
         lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"] * meta["M_TILES"])),
         dxa, x, da, M, K, R, seed, dropout_p, keep_scale,
+        interpreter_config=_INTERPRETER_CONFIG["da"],
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
-    _launch(
+    launch(
         lora_dx_dropout_kernel if has_dropout else lora_dx_kernel,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
         grad_out, weight, dxa, lora_A, dx, M, N, K, R, seed, dropout_p, keep_scale,
+        interpreter_config=_INTERPRETER_CONFIG["gemm"],
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     return dx, da.to(x.dtype), db.to(x.dtype)

@@ -37,14 +37,11 @@ padded to ``BLOCK_D``, a power of two >= 16, with masks.
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from deltakern.triton_kernels.lora_linear import dot_precision
+from deltakern.triton_kernels.common import AotSpec, dot_precision, launch
 
 # --------------------------------------------------------------------------------------------
 # Autotune configurations (sm_80 / sm_90), one small config for the interpreter
@@ -377,17 +374,6 @@ prefix_attn_bwd_dkdv_kernel = triton.autotune(DKDV_CONFIGS, key=_ATTN_KEY, reset
     _prefix_attn_bwd_dkdv_kernel)
 prefix_attn_bwd_dq_kernel = triton.autotune(DQ_CONFIGS, key=_ATTN_KEY)(_prefix_attn_bwd_dq_kernel)
 
-_CONFIG_FAMILY = {
-    prefix_attn_fwd_kernel: "fwd",
-    prefix_attn_bwd_preprocess_kernel: "preprocess",
-    prefix_attn_bwd_dkdv_kernel: "dkdv",
-    prefix_attn_bwd_dq_kernel: "dq",
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Launchers
-# --------------------------------------------------------------------------------------------
 
 
 def block_d(head_dim: int) -> int:
@@ -395,12 +381,54 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _launch(kernel, grid, *args, **constexprs):
-    """Autotuned launch on a GPU; the single small config under TRITON_INTERPRET=1."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        kernel.fn[grid](*args, **constexprs, **_INTERPRETER_CONFIG[_CONFIG_FAMILY[kernel]])
-    else:
-        kernel[grid](*args, **constexprs)
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compiles (triton_kernels.aot)
+# --------------------------------------------------------------------------------------------
+
+# Head dims compiled: 64; 96, which pads to BLOCK_D = 128 with masked columns; and 128, the
+# register high-water mark.
+HEAD_DIMS = (64, 96, 128)
+
+
+def _aot_signatures(dtype: str) -> dict:
+    """Runtime argument types of each kernel for ``dtype`` inputs."""
+    t = f"*{dtype}"
+    inputs = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "pk_ptr": t, "pv_ptr": t, "kpm_ptr": "*u8"}
+    sizes = {"Hq": "i32", "Hkv": "i32", "Lq": "i32", "Lk": "i32", "P": "i32", "scale": "fp32",
+             "LQ_BUCKET": "i32", "LK_BUCKET": "i32"}
+    saved = {"do_ptr": t, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+    return {
+        "fwd": {**inputs, "out_ptr": t, "lse_ptr": "*fp32", **sizes},
+        "bwd_preprocess": {"out_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "rows": "i32"},
+        # dprefix in fp32: the shared prefix's atomically summed buffers.
+        "bwd_dkdv": {**inputs, **saved, "dk_ptr": t, "dv_ptr": t, "dpk_ptr": "*fp32", "dpv_ptr": "*fp32", **sizes},
+        "bwd_dq": {**inputs, **saved, "dq_ptr": t, **sizes},
+    }
+
+
+# Flags at the heaviest variant: causal (two key ranges), a padding mask, a shared prefix (atomics).
+_AOT_FLAGS = {"CAUSAL": True, "HAS_MASK": True, "PREFIX_SHARED": True}
+AOT = AotSpec(
+    kernels={
+        "fwd": (prefix_attn_fwd_kernel, _AOT_FLAGS),
+        "bwd_preprocess": (prefix_attn_bwd_preprocess_kernel, {}),
+        "bwd_dkdv": (prefix_attn_bwd_dkdv_kernel, _AOT_FLAGS),
+        "bwd_dq": (prefix_attn_bwd_dq_kernel, _AOT_FLAGS),
+    },
+    signatures=_aot_signatures,
+    variants=HEAD_DIMS,
+    variant_tag="d",
+    variant_constexprs=lambda kernel, d: {
+        "HEAD_DIM": d, "BLOCK_D": block_d(d),
+        **({} if kernel == "bwd_preprocess" else {"DOT_PRECISION": "tf32"})},
+    # Sequence lengths and head counts are arbitrary: only the (16-byte aligned) pointers.
+    divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr")),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
 
 
 def _common_args(q, k, prefix_k, key_padding_mask, causal: bool, scale: float):
@@ -436,8 +464,9 @@ def prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: 
     if out.numel() == 0:
         return out, lse
     kpm, scalars, constexprs = _common_args(q, k, prefix_k, key_padding_mask, causal, scale)
-    _launch(prefix_attn_fwd_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq),
-            q, k, v, prefix_k, prefix_v, kpm, out, lse, *scalars, **constexprs)
+    launch(prefix_attn_fwd_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq),
+           q, k, v, prefix_k, prefix_v, kpm, out, lse, *scalars,
+           interpreter_config=_INTERPRETER_CONFIG["fwd"], **constexprs)
     return out, lse
 
 
@@ -468,14 +497,17 @@ def prefix_attention_bwd(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask
     grad_out = grad_out.contiguous()
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     rows = B * Hq * Lq
-    _launch(prefix_attn_bwd_preprocess_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
-            out, grad_out, delta, rows, HEAD_DIM=D, BLOCK_D=block_d(D))
+    launch(prefix_attn_bwd_preprocess_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
+           out, grad_out, delta, rows,
+           interpreter_config=_INTERPRETER_CONFIG["preprocess"], HEAD_DIM=D, BLOCK_D=block_d(D))
     kpm, scalars, constexprs = _common_args(q, k, prefix_k, key_padding_mask, causal, scale)
-    _launch(prefix_attn_bwd_dkdv_kernel,
-            lambda meta: (triton.cdiv(P, meta["BLOCK_N"]) + triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
-            q, k, v, prefix_k, prefix_v, kpm, grad_out, lse, delta, dk, dv, dpk, dpv, *scalars, **constexprs)
-    _launch(prefix_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq),
-            q, k, v, prefix_k, prefix_v, kpm, grad_out, lse, delta, dq, *scalars, **constexprs)
+    launch(prefix_attn_bwd_dkdv_kernel,
+           lambda meta: (triton.cdiv(P, meta["BLOCK_N"]) + triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
+           q, k, v, prefix_k, prefix_v, kpm, grad_out, lse, delta, dk, dv, dpk, dpv, *scalars,
+           interpreter_config=_INTERPRETER_CONFIG["dkdv"], **constexprs)
+    launch(prefix_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq),
+           q, k, v, prefix_k, prefix_v, kpm, grad_out, lse, delta, dq, *scalars,
+           interpreter_config=_INTERPRETER_CONFIG["dq"], **constexprs)
     if shared:
         dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
     return dq, dk, dv, dpk, dpv

@@ -45,7 +45,7 @@ def _dropout_keep_mask_kernel(out_ptr, numel, seed, p, BLOCK: tl.constexpr):
 
 
 def dropout_keep_mask(rows: int, cols: int, p: float, seed: int, device) -> torch.Tensor:
-    """Bool ``[rows, cols]`` keep-mask the lora kernels draw for ``seed`` and probability ``p``."""
+    """Bool ``[rows, cols]`` keep-mask the kernels with dropout draw for ``seed`` and probability ``p``."""
     out = torch.empty(rows, cols, dtype=torch.bool, device=device)
     numel = rows * cols
     block = 1024

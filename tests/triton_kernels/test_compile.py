@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 import deltakern
-from deltakern.triton_kernels.aot import OPS, SHARED_MEMORY_LIMIT, compile_jobs
+from deltakern.registry import ops
+from deltakern.triton_kernels.aot import SHARED_MEMORY_LIMIT, compile_jobs
 
-JOBS = [job for op in OPS for job in compile_jobs(op)]
+JOBS = [job for op in ops() for job in compile_jobs(op)]
 
 _COMPILE_OP = """
 import dataclasses, json, sys, traceback
