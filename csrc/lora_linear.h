@@ -12,15 +12,15 @@
 namespace deltakern {
 
 // A device's kernels of the dropout parts, on contiguous 2-D tensors of one dtype and device,
-// with p in (0, 1) and the keep mask of philox.h for (seed, p).
+// with dropout_p in (0, 1) and the keep mask of philox.h for (seed, dropout_p).
 struct LoraDropoutKernels {
   // xa [M, R] = drop(x) lora_Aᵀ without materialising drop(x). x [M, K], lora_A [R, K], xa
   // preallocated.
-  void (*shrink)(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed, at::Tensor& xa);
+  void (*shrink)(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, int64_t seed, at::Tensor& xa);
   // The low-rank part of the backward:
-  //   dx [M, K] <- mask ⊙ (dxa lora_A) / (1 - p)      d_lora_A [R, K] <- dxaᵀ drop(x)
+  //   dx [M, K] <- mask ⊙ (dxa lora_A) / (1 - dropout_p)      d_lora_A [R, K] <- dxaᵀ drop(x)
   // x [M, K], dxa [M, R], lora_A [R, K]; dx and d_lora_A preallocated.
-  void (*lowrank_backward)(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A, double p,
+  void (*lowrank_backward)(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A, double dropout_p,
                            int64_t seed, at::Tensor& dx, at::Tensor& d_lora_A);
 };
 
@@ -47,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed);
 
-// Bool [rows, cols] keep-mask of the dropout of (seed, p): exposes philox.h to the tests.
-at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double p, int64_t seed);
+// Bool [rows, cols] keep-mask of the dropout of (seed, dropout_p): exposes philox.h to the tests.
+at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double dropout_p, int64_t seed);
 
 #ifdef DELTAKERN_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,

@@ -43,8 +43,8 @@ DELTAKERN_CLONES void keep_block(uint64_t seed, uint64_t first_counter, uint32_t
 // Calls f(offset, count, keep) over the elements [begin, end) of the flattened [M, K] index
 // space in consecutive runs: keep[j] is the keep bit of element begin + offset + j.
 template <typename F>
-inline void for_each_keep_run(uint64_t seed, float p, int64_t begin, int64_t end, F&& f) {
-  const uint32_t threshold = dropout_threshold(p);
+inline void for_each_keep_run(uint64_t seed, float dropout_p, int64_t begin, int64_t end, F&& f) {
+  const uint32_t threshold = dropout_threshold(dropout_p);
   alignas(64) uint8_t keep[kBlockElements];
   for (int64_t block = begin & ~int64_t{3}; block < end; block += kBlockElements) {
     keep_block(seed, static_cast<uint64_t>(block >> 2), threshold, keep);
@@ -55,7 +55,7 @@ inline void for_each_keep_run(uint64_t seed, float p, int64_t begin, int64_t end
 }
 
 // out[j] = in[j] * keep[j] * keep_scale: multiplying (not selecting) propagates NaN and inf as
-// the reference x * mask / (1 - p) does.
+// the reference x * mask / (1 - dropout_p) does.
 template <typename in_t, typename opmath_t, typename out_t>
 inline void scale_kept(const in_t* in, const uint8_t* keep, int64_t n, opmath_t keep_scale, out_t* out) {
   for (int64_t j = 0; j < n; ++j) {
@@ -64,13 +64,13 @@ inline void scale_kept(const in_t* in, const uint8_t* keep, int64_t n, opmath_t 
 }
 
 // LoraDropoutKernels::shrink.
-void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed, at::Tensor& xa) {
+void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, int64_t seed, at::Tensor& xa) {
   const int64_t M = x.size(0), K = x.size(1);
   const at::Tensor lora_A_t = lora_A.t();
-  const float p32 = static_cast<float>(p);
+  const float p32 = static_cast<float>(dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_dropout_shrink_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t keep_scale = static_cast<opmath_t>(1.0 / (1.0 - p));
+    const opmath_t keep_scale = static_cast<opmath_t>(1.0 / (1.0 - dropout_p));
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, M, kShrinkRows, [&](int64_t row_begin, int64_t row_end) {
       // OpenMP workers do not inherit the caller's dispatch state: keep the ATen calls below
@@ -91,17 +91,17 @@ void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int
 }
 
 // LoraDropoutKernels::lowrank_backward, in row blocks that stay in cache.
-void dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A, double p,
+void dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A, double dropout_p,
                               int64_t seed, at::Tensor& dx, at::Tensor& d_lora_A) {
   const int64_t M = x.size(0), K = x.size(1), R = lora_A.size(0);
-  const float p32 = static_cast<float>(p);
+  const float p32 = static_cast<float>(dropout_p);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_dropout_lowrank_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto opmath = x.options().dtype(c10::CppTypeToScalarType<opmath_t>::value);
-    const opmath_t keep_scale = static_cast<opmath_t>(1.0 / (1.0 - p));
+    const opmath_t keep_scale = static_cast<opmath_t>(1.0 / (1.0 - dropout_p));
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     // One dA partial per thread, summed at the end: the row blocks of drop(x) never leave the
-    // cache and no [M, K] temporary exists. Measured at M=2048, K=N=1024, r=16, p=0.1 (whole
+    // cache and no [M, K] temporary exists. Measured at M=2048, K=N=1024, r=16, dropout_p=0.1 (whole
     // backward, interleaved medians): 31.0 ms, against 34.9 ms for the unfused version (one
     // GEMM for dxa A, a mask pass writing drop(x) to memory, one GEMM over it). Row blocks of
     // 16 to 128 rows all landed within 0.6 ms of each other.
@@ -145,11 +145,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   return lora_linear_bwd_gemms(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, kDropout);
 }
 
-at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double p, int64_t seed) {
+at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double dropout_p, int64_t seed) {
   TORCH_CHECK(rows >= 0 && cols >= 0, "deltakern.dropout_keep_mask: rows and cols must be >= 0");
   at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
   bool* data = mask.data_ptr<bool>();
-  const float p32 = static_cast<float>(p);
+  const float p32 = static_cast<float>(dropout_p);
   at::parallel_for(0, rows * cols, kMaskGrain, [&](int64_t begin, int64_t end) {
     for_each_keep_run(seed, p32, begin, end, [&](int64_t offset, int64_t n, const uint8_t* keep) {
       std::copy(keep, keep + n, data + begin + offset);

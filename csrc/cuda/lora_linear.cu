@@ -3,7 +3,7 @@
 // compiles this file in seconds. The glue lives in lora_linear_cuda.cpp.
 //
 // Dropout mask (DESIGN.md, "Dropout randomness"): element e = m * K + k of the [M, K] view
-// is kept when lane e % 4 of philox4x32_10(seed, e / 4) passes dropout_keep(bits, p). Both
+// is kept when lane e % 4 of philox4x32_10(seed, e / 4) passes dropout_keep(bits, dropout_p). Both
 // kernels work in "counter groups": group c is the four elements 4c .. 4c+3 of the flattened
 // index space, which one Philox call serves.
 //
@@ -29,15 +29,15 @@ namespace deltakern {
 namespace {
 
 // Dropping multiplies by 0 rather than selecting 0, so NaN and inf propagate as in the
-// reference x * mask / (1 - p) and the CPU kernels.
+// reference x * mask / (1 - dropout_p) and the CPU kernels.
 
-// Bit l is set when element 4c + l is kept. A uniform is never below 0, so p == 0 keeps
+// Bit l is set when element 4c + l is kept. A uniform is never below 0, so dropout_p == 0 keeps
 // everything and Philox is skipped: LoRA without dropout pays nothing for the RNG.
-DELTAKERN_HD unsigned keep_mask(uint64_t seed, int64_t c, float p) {
-  if (p <= 0.f) return 0xFu;
+DELTAKERN_HD unsigned keep_mask(uint64_t seed, int64_t c, float dropout_p) {
+  if (dropout_p <= 0.f) return 0xFu;
   const PhiloxOut r = philox4x32_10(seed, static_cast<uint64_t>(c));
   unsigned mask = 0;
-  for (int l = 0; l < 4; ++l) mask |= static_cast<unsigned>(dropout_keep(r.v[l], p)) << l;
+  for (int l = 0; l < 4; ++l) mask |= static_cast<unsigned>(dropout_keep(r.v[l], dropout_p)) << l;
   return mask;
 }
 
@@ -110,12 +110,12 @@ static_assert(kShrinkChunk % 4 == 0, "kShrinkGroupsPerRow assumes whole groups p
 // and scaled. Groups past the range are skipped.
 template <typename T, bool kVec>
 DELTAKERN_HD void stage_group(const T* x, int64_t n, int64_t lo, int64_t hi, int gi,
-                              float p, float keep_scale, uint64_t seed, float* xs_row) {
+                              float dropout_p, float keep_scale, uint64_t seed, float* xs_row) {
   const int64_t c = lo / 4 + gi;
   if (4 * c >= hi) return;
   float v[4];
   load_group<T, kVec>(x, c, n, v);
-  const unsigned keep = keep_mask(seed, c, p);
+  const unsigned keep = keep_mask(seed, c, dropout_p);
   for (int l = 0; l < 4; ++l) {
     const int64_t e = 4 * c + l;
     if (e >= lo && e < hi) xs_row[e - lo] = v[l] * ((keep >> l) & 1u ? keep_scale : 0.f);
@@ -126,7 +126,7 @@ DELTAKERN_HD void stage_group(const T* x, int64_t n, int64_t lo, int64_t hi, int
 // into xs: slot s = (row b, group gi) for s = tid, tid + kShrinkThreads, ...
 template <typename T, bool kVec>
 DELTAKERN_HD void stage_chunk(const T* x, int64_t M, int64_t K, int64_t row0, int64_t k0, int kc,
-                              int tid, float p, float keep_scale, uint64_t seed,
+                              int tid, float dropout_p, float keep_scale, uint64_t seed,
                               float (*xs)[kShrinkChunk]) {
   for (int s = tid; s < kShrinkRows * kShrinkGroupsPerRow; s += kShrinkThreads) {
     const int b = s / kShrinkGroupsPerRow;
@@ -134,7 +134,7 @@ DELTAKERN_HD void stage_chunk(const T* x, int64_t M, int64_t K, int64_t row0, in
     // every value read from xs is defined.
     const int64_t m = min64(row0 + b, M - 1);
     const int64_t lo = m * K + k0;
-    stage_group<T, kVec>(x, M * K, lo, lo + kc, s % kShrinkGroupsPerRow, p, keep_scale, seed,
+    stage_group<T, kVec>(x, M * K, lo, lo + kc, s % kShrinkGroupsPerRow, dropout_p, keep_scale, seed,
                          xs[b]);
   }
 }
@@ -161,7 +161,7 @@ DELTAKERN_HD void accumulate_chunk(const float (*xs)[kShrinkChunk], const T* A, 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kShrinkThreads)
     lora_dropout_shrink_kernel(const T* __restrict__ x, const T* __restrict__ A,
-                               T* __restrict__ xa, int64_t M, int64_t K, int64_t R, float p,
+                               T* __restrict__ xa, int64_t M, int64_t K, int64_t R, float dropout_p,
                                float keep_scale, uint64_t seed) {
   __shared__ float xs[kShrinkRows][kShrinkChunk];
   const int warp = threadIdx.x / 32;
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kShrinkThreads)
       for (int64_t k0 = 0; k0 < K; k0 += kShrinkChunk) {
         const int kc = static_cast<int>(min64(kShrinkChunk, K - k0));
         __syncthreads();  // the previous chunk's readers are done with xs
-        stage_chunk<T, kVec>(x, M, K, row0, k0, kc, threadIdx.x, p, keep_scale, seed, xs);
+        stage_chunk<T, kVec>(x, M, K, row0, k0, kc, threadIdx.x, dropout_p, keep_scale, seed, xs);
         __syncthreads();
         accumulate_chunk<T>(xs, A, K, R, k0, kc, r_first, lane, acc);
       }
@@ -210,8 +210,8 @@ constexpr int kBackwardThreads = 256;
 
 template <typename T, bool kVec>
 DELTAKERN_HD void dropout_backward_group(const T* x, T* dx, T* x_dropped, int64_t n, int64_t c,
-                                         float p, float keep_scale, uint64_t seed) {
-  const unsigned keep = keep_mask(seed, c, p);
+                                         float dropout_p, float keep_scale, uint64_t seed) {
+  const unsigned keep = keep_mask(seed, c, dropout_p);
   float xv[4], dv[4];
   load_group<T, kVec>(x, c, n, xv);
   load_group<T, kVec>(dx, c, n, dv);
@@ -227,13 +227,13 @@ DELTAKERN_HD void dropout_backward_group(const T* x, T* dx, T* x_dropped, int64_
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kBackwardThreads)
     lora_dropout_backward_kernel(const T* __restrict__ x, T* __restrict__ dx,
-                                 T* __restrict__ x_dropped, int64_t n, float p,
+                                 T* __restrict__ x_dropped, int64_t n, float dropout_p,
                                  float keep_scale, uint64_t seed) {
   const int64_t groups = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBackwardThreads;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kBackwardThreads + threadIdx.x;
        c < groups; c += stride) {
-    dropout_backward_group<T, kVec>(x, dx, x_dropped, n, c, p, keep_scale, seed);
+    dropout_backward_group<T, kVec>(x, dx, x_dropped, n, c, dropout_p, keep_scale, seed);
   }
 }
 
@@ -260,10 +260,10 @@ cudaError_t shrink_typed(const LoraShrinkParams& prm, cudaStream_t stream) {
   T* xa = static_cast<T*>(prm.xa);
   if (vec_aligned<T>(x)) {
     lora_dropout_shrink_kernel<T, true><<<grid, kShrinkThreads, 0, stream>>>(
-        x, A, xa, prm.M, prm.K, prm.R, prm.p, prm.keep_scale, prm.seed);
+        x, A, xa, prm.M, prm.K, prm.R, prm.dropout_p, prm.keep_scale, prm.seed);
   } else {
     lora_dropout_shrink_kernel<T, false><<<grid, kShrinkThreads, 0, stream>>>(
-        x, A, xa, prm.M, prm.K, prm.R, prm.p, prm.keep_scale, prm.seed);
+        x, A, xa, prm.M, prm.K, prm.R, prm.dropout_p, prm.keep_scale, prm.seed);
   }
   return cudaGetLastError();
 }
@@ -279,10 +279,10 @@ cudaError_t backward_typed(const LoraDropoutBackwardParams& prm, cudaStream_t st
   T* xd = static_cast<T*>(prm.x_dropped);
   if (vec_aligned<T>(x) && vec_aligned<T>(dx) && vec_aligned<T>(xd)) {
     lora_dropout_backward_kernel<T, true><<<blocks, kBackwardThreads, 0, stream>>>(
-        x, dx, xd, n, prm.p, prm.keep_scale, prm.seed);
+        x, dx, xd, n, prm.dropout_p, prm.keep_scale, prm.seed);
   } else {
     lora_dropout_backward_kernel<T, false><<<blocks, kBackwardThreads, 0, stream>>>(
-        x, dx, xd, n, prm.p, prm.keep_scale, prm.seed);
+        x, dx, xd, n, prm.dropout_p, prm.keep_scale, prm.seed);
   }
   return cudaGetLastError();
 }

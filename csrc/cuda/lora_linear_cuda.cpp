@@ -21,14 +21,14 @@
 namespace deltakern {
 namespace {
 
-// p == 1 would need an infinite keep_scale (and tl.rand's uniform can reach 1.0, so a few
+// dropout_p == 1 would need an infinite keep_scale (and tl.rand's uniform can reach 1.0, so a few
 // elements would be "kept"): dropping everything is the caller's job.
-void check_p(double p, const char* op) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout p must be in [0, 1), got ", p);
+void check_dropout_p(double dropout_p, const char* op) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
 }
 
 // LoraDropoutKernels::shrink.
-void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed, at::Tensor& xa) {
+void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, int64_t seed, at::Tensor& xa) {
   constexpr const char* op = "deltakern.lora_dropout_shrink_cuda";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == x.size(1), op,
@@ -38,7 +38,7 @@ void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int
   check_cuda_tensor(x, x, op, "x", "x");
   check_cuda_tensor(lora_A, x, op, "lora_A", "x");
   check_cuda_tensor(xa, x, op, "xa", "x");
-  check_p(p, op);
+  check_dropout_p(dropout_p, op);
   at::assert_no_overlap(xa, x);
   at::assert_no_overlap(xa, lora_A);
 
@@ -49,8 +49,8 @@ void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int
   params.M = x.size(0);
   params.K = x.size(1);
   params.R = lora_A.size(0);
-  params.p = static_cast<float>(p);
-  params.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  params.dropout_p = static_cast<float>(dropout_p);
+  params.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   params.seed = static_cast<uint64_t>(seed);
   params.dtype = to_dtype(x, op, "x");
   if (params.M == 0 || params.R == 0) return;
@@ -67,9 +67,9 @@ void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double p, int
               cudaGetErrorString(err));
 }
 
-// The dropout pass of the backward: dx_lowrank <- dx_lowrank ⊙ mask / (1 - p) in place and
+// The dropout pass of the backward: dx_lowrank <- dx_lowrank ⊙ mask / (1 - dropout_p) in place and
 // x_dropped <- drop(x).
-void dropout_backward_pass(const at::Tensor& x, at::Tensor& dx_lowrank, at::Tensor& x_dropped, double p,
+void dropout_backward_pass(const at::Tensor& x, at::Tensor& dx_lowrank, at::Tensor& x_dropped, double dropout_p,
                            int64_t seed) {
   constexpr const char* op = "deltakern.lora_dropout_backward_cuda";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
@@ -80,7 +80,7 @@ void dropout_backward_pass(const at::Tensor& x, at::Tensor& dx_lowrank, at::Tens
   check_cuda_tensor(x, x, op, "x", "x");
   check_cuda_tensor(dx_lowrank, x, op, "dx_lowrank", "x");
   check_cuda_tensor(x_dropped, x, op, "x_dropped", "x");
-  check_p(p, op);
+  check_dropout_p(dropout_p, op);
   at::assert_no_overlap(dx_lowrank, x);
   at::assert_no_overlap(x_dropped, x);
   at::assert_no_overlap(x_dropped, dx_lowrank);
@@ -91,8 +91,8 @@ void dropout_backward_pass(const at::Tensor& x, at::Tensor& dx_lowrank, at::Tens
   params.x_dropped = x_dropped.data_ptr();
   params.M = x.size(0);
   params.K = x.size(1);
-  params.p = static_cast<float>(p);
-  params.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  params.dropout_p = static_cast<float>(dropout_p);
+  params.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   params.seed = static_cast<uint64_t>(seed);
   params.dtype = to_dtype(x, op, "x");
   if (params.M == 0 || params.K == 0) return;
@@ -106,11 +106,11 @@ void dropout_backward_pass(const at::Tensor& x, at::Tensor& dx_lowrank, at::Tens
 
 // LoraDropoutKernels::lowrank_backward: the low-rank term from cuBLAS, masked in place by one
 // element-wise kernel that also writes drop(x) for the dA GEMM.
-void dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A, double p,
+void dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dxa, const at::Tensor& lora_A, double dropout_p,
                               int64_t seed, at::Tensor& dx, at::Tensor& d_lora_A) {
   at::mm_out(dx, dxa, lora_A);
   at::Tensor x_dropped = at::empty_like(x);
-  dropout_backward_pass(x, dx, x_dropped, p, seed);
+  dropout_backward_pass(x, dx, x_dropped, dropout_p, seed);
   at::mm_out(d_lora_A, dxa.t(), x_dropped);
 }
 

@@ -1,7 +1,7 @@
 """Triton kernels and launchers of ``lora_linear``.
 
 Shapes (2-D views): x ``[M, K]``, weight W ``[N, K]``, bias ``[N]``, lora_A ``[R, K]``,
-lora_B ``[N, R]``, s = scaling, p = dropout_p, drop(x) = x * keep / (1 - p).
+lora_B ``[N, R]``, s = scaling, drop(x) = x * keep / (1 - dropout_p).
 
 Forward, two kernels:
   1. shrink   ``xa = drop(x) A^T``                                   ``[M, R]``
@@ -9,7 +9,7 @@ Forward, two kernels:
 Backward, three kernels:
   3. dY       ``dxa = s * dY B`` and ``dB = s * dY^T xa`` from one read of dY
   4. dA       ``dA = dxa^T drop(x)``
-  5. dx GEMM  ``dx = dY W + (dxa A) * keep / (1 - p)``
+  5. dx GEMM  ``dx = dY W + (dxa A) * keep / (1 - dropout_p)``
 
 The dropout mask is never stored: kernels 1, 4 and 5 regenerate it from (seed, element)
 with ``rng.dropout_keep``. All kernels take contiguous row-major tensors, so row strides are
@@ -130,7 +130,7 @@ def _low_rank_tile(left_ptr, right_ptr, rows, cols, R, right_stride_r, right_str
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, xa_ptr, M, K, R, seed, p, keep_scale,
+    x_ptr, a_ptr, xa_ptr, M, K, R, seed, dropout_p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -147,11 +147,11 @@ def _lora_shrink_kernel(
         element = offs_m[:, None] * K + offs_k[None, :]
         x = tl.load(x_ptr + element, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, element, p), x, 0.0)
+            x = tl.where(dropout_keep(seed, element, dropout_p), x, 0.0)
         a_t = tl.load(a_ptr + offs_r[None, :] * K + offs_k[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(x, a_t, acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        # 1/(1-p) is applied once to the fp32 sum instead of rounding every x * 1/(1-p).
+        # 1/(1-dropout_p) is applied once to the fp32 sum instead of rounding every x * 1/(1-dropout_p).
         acc = acc * keep_scale
     tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], acc.to(xa_ptr.dtype.element_ty),
              mask=m_ok[:, None] & r_ok[None, :])
@@ -219,7 +219,7 @@ def _lora_dy_kernel(
 
 @triton.jit
 def _lora_da_kernel(
-    dxa_ptr, x_ptr, da_ptr, M, K, R, seed, p, keep_scale,
+    dxa_ptr, x_ptr, da_ptr, M, K, R, seed, dropout_p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     M_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -241,7 +241,7 @@ def _lora_da_kernel(
         element = offs_m[:, None] * K + offs_k[None, :]
         x = tl.load(x_ptr + element, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, element, p), x, 0.0)
+            x = tl.where(dropout_keep(seed, element, dropout_p), x, 0.0)
         acc = tl.dot(dxa_t, x, acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * keep_scale
@@ -251,7 +251,7 @@ def _lora_da_kernel(
 
 @triton.jit
 def _lora_dx_kernel(
-    dy_ptr, w_ptr, dxa_ptr, a_ptr, dx_ptr, M, N, K, R, seed, p, keep_scale,
+    dy_ptr, w_ptr, dxa_ptr, a_ptr, dx_ptr, M, N, K, R, seed, dropout_p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -268,7 +268,7 @@ def _lora_dx_kernel(
     # is regenerated here from (seed, element) rather than read back from memory.
     acc = _low_rank_tile(dxa_ptr, a_ptr, rows, cols, R, K, 1, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, offs_m[:, None] * K + offs_n[None, :], p)
+        keep = dropout_keep(seed, offs_m[:, None] * K + offs_n[None, :], dropout_p)
         acc = tl.where(keep, acc * keep_scale, 0.0)
     for n0 in range(0, N, BLOCK_K):
         # int64: N * K may pass 2**31 (an LM head), unlike the other loop-index products here.
@@ -302,7 +302,7 @@ RANKS = (16, 64)
 def _aot_signatures(dtype: str) -> dict:
     """Runtime argument types of each kernel for ``dtype`` inputs."""
     t = f"*{dtype}"
-    rng = {"seed": "i64", "p": "fp32", "keep_scale": "fp32"}
+    rng = {"seed": "i64", "dropout_p": "fp32", "keep_scale": "fp32"}
     dx = {"dy_ptr": t, "w_ptr": t, "dxa_ptr": t, "a_ptr": t, "dx_ptr": t,
           "M": "i32", "N": "i32", "K": "i32", "R": "i32", **rng}
     return {
@@ -349,7 +349,7 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     x ``[M, K]``, weight ``[N, K]``, bias ``[N]`` or None, lora_A ``[R, K]``, lora_B ``[N, R]``.
     Returns ``out = x W^T + bias + scaling * xa B^T`` ``[M, N]`` and ``xa = drop(x) A^T``
     ``[M, R]``, both in x's dtype; drop keeps element (m, k) by Philox(seed) and scales by
-    1/(1-p). xa is what backward needs besides x; the mask is not returned.
+    1/(1-dropout_p). xa is what backward needs besides x; the mask is not returned.
     """
     assert x.dim() == 2 and weight.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2
     x, weight, lora_A, lora_B = x.contiguous(), weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()

@@ -10,14 +10,14 @@ namespace deltakern {
 
 // xa[M, R] = drop(x)[M, K] @ lora_A[R, K]^T, accumulated in fp32 and stored in `dtype`.
 // x, lora_A and xa are row-major and contiguous. drop() multiplies element e = m * K + k by
-// keep_scale = 1 / (1 - p) when philox.h keeps it and by 0 when it drops it (a product, not a
-// select, so NaN and inf propagate as in the reference x * mask / (1 - p)).
+// keep_scale = 1 / (1 - dropout_p) when philox.h keeps it and by 0 when it drops it (a product, not a
+// select, so NaN and inf propagate as in the reference x * mask / (1 - dropout_p)).
 struct LoraShrinkParams {
   const void* x;
   const void* lora_A;
   void* xa;
   int64_t M, K, R;
-  float p;
+  float dropout_p;
   float keep_scale;
   uint64_t seed;
   DType dtype;
@@ -32,7 +32,7 @@ struct LoraDropoutBackwardParams {
   void* dx_lowrank;
   void* x_dropped;
   int64_t M, K;
-  float p;
+  float dropout_p;
   float keep_scale;
   uint64_t seed;
   DType dtype;
