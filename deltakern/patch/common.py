@@ -134,3 +134,17 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
         if parameter.requires_grad:
             trainable += parameter.numel()
     return TrainableParameters(trainable, total)
+
+
+def peft_model_drawn(base: nn.Module, config, name_part: str, mean: float, std: float) -> nn.Module:
+    """PEFT's ``get_peft_model(base, config)`` with every parameter whose name contains
+    ``name_part`` drawn from N(mean, std²), in place of PEFT's init (a zero LoRA B, all-ones (IA)³
+    vectors) which would hide a path from the end-to-end benchmark's check."""
+    import peft
+
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name_part in name:
+                parameter.normal_(mean, std)
+    return model

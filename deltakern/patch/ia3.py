@@ -20,7 +20,14 @@ from torch import nn
 
 from ..nn import IA3Linear
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
-from .common import PEFT_KEY_PREFIX, freeze_base, peft_config_fields, peft_task_type, replace_submodule
+from .common import (
+    PEFT_KEY_PREFIX,
+    freeze_base,
+    peft_config_fields,
+    peft_model_drawn,
+    peft_task_type,
+    replace_submodule,
+)
 from .targets import resolve_targets
 
 # PEFT's default (IA)³ targets and feedforward layers for the model types of deltakern's families
@@ -228,12 +235,7 @@ def _e2e_reference(base: nn.Module) -> nn.Module:
     ``k_proj`` and ``v_proj``, an input scale on ``down_proj``), the vectors drawn around 1."""
     import peft
 
-    model = peft.get_peft_model(base, peft.IA3Config(task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "ia3_l" in name:
-                parameter.normal_(1.0, E2E_SCALE_STD)
-    return model
+    return peft_model_drawn(base, peft.IA3Config(task_type="CAUSAL_LM"), "ia3_l", 1.0, E2E_SCALE_STD)
 
 
 def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:

@@ -13,7 +13,14 @@ from torch import nn
 
 from ..nn import LoRALinear
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
-from .common import PEFT_KEY_PREFIX, freeze_base, peft_config_fields, peft_task_type, replace_submodule
+from .common import (
+    PEFT_KEY_PREFIX,
+    freeze_base,
+    peft_config_fields,
+    peft_model_drawn,
+    peft_task_type,
+    replace_submodule,
+)
 from .targets import ALL_LINEAR, LISTED, resolve_targets
 
 def _wrap(model: nn.Module, names: list[str], r: int, alpha: float, dropout_p: float, use_rslora: bool) -> None:
@@ -230,12 +237,7 @@ def _e2e_reference(base: nn.Module) -> nn.Module:
 
     config = peft.LoraConfig(task_type="CAUSAL_LM", r=E2E_R, lora_alpha=E2E_ALPHA, lora_dropout=E2E_DROPOUT_P,
                              target_modules=ALL_LINEAR)
-    model = peft.get_peft_model(base, config)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, E2E_B_STD)
-    return model
+    return peft_model_drawn(base, config, "lora_B", 0.0, E2E_B_STD)
 
 
 def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
