@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "adapter.h"
 #include "deltakern/activations.h"
@@ -41,16 +42,22 @@ void check_activation(int64_t activation) {
               activation_names(), "), got ", activation);
 }
 
-}  // namespace
-
-void check_adapter_fwd_args(const at::Tensor& h, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
-                            const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
-                            const std::optional<at::Tensor>& residual, int64_t activation) {
+// h [M, d] and w_down [r, d] with r >= 1, which every other shape follows; returns (M, d, r).
+std::tuple<int64_t, int64_t, int64_t> check_h_and_w_down(const at::Tensor& h, const at::Tensor& w_down) {
   TORCH_CHECK(h.dim() == 2, kOp, ": h must be 2-D [M, d], got ", h.sizes());
   TORCH_CHECK(w_down.dim() == 2 && w_down.size(1) == h.size(1), kOp, ": w_down must be [r, d] with d = ",
               h.size(1), ", got ", w_down.sizes());
   const int64_t M = h.size(0), d = h.size(1), r = w_down.size(0);
   TORCH_CHECK(r > 0, kOp, ": w_down must have r >= 1 rows, got ", w_down.sizes());
+  return {M, d, r};
+}
+
+}  // namespace
+
+void check_adapter_fwd_args(const at::Tensor& h, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
+                            const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
+                            const std::optional<at::Tensor>& residual, int64_t activation) {
+  const auto [M, d, r] = check_h_and_w_down(h, w_down);
   check_shape(w_up, {d, r}, "w_up", "[d, r]");
   check_same(h, h, "h");
   check_same(w_down, h, "w_down");
@@ -72,11 +79,7 @@ void check_adapter_fwd_args(const at::Tensor& h, const at::Tensor& w_down, const
 
 void check_adapter_bwd_args(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& w_down,
                             const at::Tensor& w_up, const at::Tensor& pre, int64_t activation) {
-  TORCH_CHECK(h.dim() == 2, kOp, ": h must be 2-D [M, d], got ", h.sizes());
-  TORCH_CHECK(w_down.dim() == 2 && w_down.size(1) == h.size(1), kOp, ": w_down must be [r, d] with d = ",
-              h.size(1), ", got ", w_down.sizes());
-  const int64_t M = h.size(0), d = h.size(1), r = w_down.size(0);
-  TORCH_CHECK(r > 0, kOp, ": w_down must have r >= 1 rows, got ", w_down.sizes());
+  const auto [M, d, r] = check_h_and_w_down(h, w_down);
   check_shape(grad_out, {M, d}, "grad_out", "[M, d]");
   check_shape(w_up, {d, r}, "w_up", "[d, r]");
   check_shape(pre, {M, r}, "pre", "[M, r]");
