@@ -1,8 +1,8 @@
 """deltakern: fused kernels for parameter-efficient fine-tuning (LoRA, prefix tuning, adapters)."""
 
-from . import nn, prompts
+from . import nf4, nn, prompts
 from .backend import BACKENDS, BackendUnavailableError, use_backend
-from .ops import adapter, ia3_linear, lora_linear, prefix_attention
+from .ops import adapter, ia3_linear, lora_linear, prefix_attention, qlora_linear
 from .patch import (
     PatchReport,
     TrainableParameters,
@@ -16,6 +16,7 @@ from .patch import (
     load,
     merge_lora,
     patch,
+    quantize,
     save,
     trainable_parameters,
     unpatch,
@@ -27,6 +28,6 @@ __all__ = [
     "BACKENDS", "BackendUnavailableError", "PatchReport", "TrainableParameters", "adapter", "add_adapters",
     "add_bitfit", "add_ia3", "ia3_linear", "prompts",
     "add_lora", "add_prefix", "add_prompt", "fold_prompt_encoder", "load", "lora_linear", "merge_lora", "nn",
-    "patch", "prefix_attention", "save",
+    "nf4", "patch", "prefix_attention", "qlora_linear", "quantize", "save",
     "trainable_parameters", "unpatch", "use_backend", "__version__",
 ]

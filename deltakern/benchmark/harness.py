@@ -303,6 +303,8 @@ def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, re
     A case offers ``shape``, ``dtype``, ``device``, ``providers(backends, with_compile)`` (name ->
     callable, the baseline first), ``check(provider, fn) -> (ok, worst scaled error)``,
     ``run_mode(provider, fn, mode) -> (timed, setup)`` and ``saved_bytes(fn)``. Optionally:
+    ``weight_bytes(provider)`` (the bytes of the base weight that provider reads: a ``weight_MB``
+    row, for cases whose providers store the weight differently),
     ``warmup`` and ``repeats`` (replacing the arguments for that case: a training step of the
     end-to-end suite takes seconds) and ``tokens`` (tokens per step: adds a ``tokens_per_s`` row
     for the full step, its p20 from the p80 time and so on).
@@ -332,7 +334,10 @@ def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, re
         for provider, fn in providers.items():
             progress(f"{op} {shape}: memory of {provider}")
             step, _ = case.run_mode(provider, fn, "full")
-            for metric, nbytes in (("saved_MB", case.saved_bytes(fn)), ("peak_MB", peak_bytes(step, device))):
+            metrics = [("saved_MB", case.saved_bytes(fn)), ("peak_MB", peak_bytes(step, device))]
+            if hasattr(case, "weight_bytes"):
+                metrics.append(("weight_MB", case.weight_bytes(provider)))
+            for metric, nbytes in metrics:
                 mb = nbytes / 2**20
                 results.append(Result(Row(op, provider, "full", shape, dtype_name, device, metric, mb, mb, mb), *checks[provider]))
     return results

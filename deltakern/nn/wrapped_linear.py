@@ -26,23 +26,32 @@ class WrappedLinear(DeltaModule):
     """Holds ``base`` (an ``nn.Linear``, weight ``[out, in]``, or a ``Conv1D``, weight ``[in, out]``)
     as ``base_layer``; ``fan_in_fan_out`` is True for a ``Conv1D`` (PEFT's name for that layout).
 
-    ``owner`` names the subclass in the error raised for any other base. A subclass's
+    ``owner`` names the subclass in the error raised for any other base; ``nf4`` also admits an
+    ``NF4Linear`` (a 4-bit base, for the subclasses that run it). A subclass's
     ``delta_parameters`` are its own, never the base layer's.
     """
 
-    def __init__(self, base: nn.Module, owner: str):
+    def __init__(self, base: nn.Module, owner: str, nf4: bool = False):
         super().__init__()
+        from .nf4_linear import NF4Linear
+
         self.fan_in_fan_out = is_conv1d(base)
-        if not (isinstance(base, nn.Linear) or self.fan_in_fan_out):
-            raise ValueError(f"{owner}: base must be an nn.Linear or transformers' Conv1D, got {type(base).__name__}")
+        allowed = isinstance(base, nn.Linear) or self.fan_in_fan_out or (nf4 and isinstance(base, NF4Linear))
+        if not allowed:
+            kinds = "an nn.Linear, transformers' Conv1D" + (" or an NF4Linear" if nf4 else "")
+            raise ValueError(f"{owner}: base must be {kinds}, got {type(base).__name__}")
         self.base_layer = base
 
     @property
     def in_features(self) -> int:
+        if not isinstance(self.base_layer.weight, nn.Parameter):  # NF4Linear: packed codes
+            return self.base_layer.in_features
         return self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1]
 
     @property
     def out_features(self) -> int:
+        if not isinstance(self.base_layer.weight, nn.Parameter):
+            return self.base_layer.out_features
         return self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0]
 
     # Model code reads a linear layer's weight and bias directly (T5 checks ``wo.weight.dtype``);

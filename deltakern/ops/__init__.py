@@ -7,5 +7,6 @@ from .lora_linear import lora_linear
 from .prefix_attention import prefix_attention
 from .adapter import adapter  # noqa: I001
 from .ia3_linear import ia3_linear
+from .qlora_linear import qlora_linear
 
-__all__ = ["adapter", "ia3_linear", "lora_linear", "prefix_attention"]
+__all__ = ["adapter", "ia3_linear", "lora_linear", "prefix_attention", "qlora_linear"]

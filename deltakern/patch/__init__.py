@@ -4,7 +4,7 @@ Each method's module registers its ``MethodSpec`` on import; they are imported i
 ``deltakern bench``'s end-to-end step runs them.
 """
 
-from .lora import add_lora, merge_lora  # noqa: I001
+from .lora import add_lora, merge_lora, quantize  # noqa: I001
 from .prefix import add_prefix
 from .adapters import add_adapters
 from .prompt import add_prompt, fold_prompt_encoder
@@ -16,4 +16,4 @@ from .peft_patch import PatchReport, patch, unpatch
 
 __all__ = ["PatchReport", "TrainableParameters", "add_adapters", "add_bitfit", "add_ia3", "add_lora", "add_prefix",
            "add_prompt", "fold_prompt_encoder", "load", "merge_lora",
-           "patch", "save", "trainable_parameters", "unpatch"]
+           "patch", "quantize", "save", "trainable_parameters", "unpatch"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import LoRALinear
+from ..nn import LoRALinear, NF4Linear
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
 from .common import (
     PEFT_KEY_PREFIX,
@@ -29,8 +29,31 @@ def _wrap(model: nn.Module, names: list[str], r: int, alpha: float, dropout_p: f
     freeze_base(model)
 
 
+def quantize(model: nn.Module, target_modules: str | list[str] = "all-linear", blocksize: int = 64,
+             nested: bool = False) -> nn.Module:
+    """Replace the targeted linear layers of ``model`` in place by :class:`~deltakern.nn.NF4Linear`
+    (4-bit NF4 weights, byte-identical to bitsandbytes' ``quantize_4bit``; bitsandbytes is not
+    needed). Targets are chosen as by :func:`add_lora`; layers already in NF4 are left as they are.
+
+    Args:
+        blocksize: values per absmax block, one of ``deltakern.nf4.BLOCKSIZES`` (bitsandbytes' 64
+            by default).
+        nested: also quantise the block scales to 8 bits (bitsandbytes' ``compress_statistics``,
+            QLoRA's "double quantisation").
+
+    Returns ``model``; its base stays frozen (NF4 weights are buffers, never trained).
+    """
+    names = resolve_targets(model, target_modules, None, "deltakern.quantize", strict=True)
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, NF4Linear):
+            replace_submodule(model, name, NF4Linear.from_linear(layer, blocksize, nested))
+    return model
+
+
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout_p: float = 0.0,
-             target_modules: str | list[str] = "all-linear", use_rslora: bool = False) -> nn.Module:
+             target_modules: str | list[str] = "all-linear", use_rslora: bool = False,
+             quantize_base: str | None = None) -> nn.Module:
     """Replace the targeted linear layers of ``model`` in place by ``LoRALinear`` and freeze the rest.
 
     Each ``nn.Linear`` (weight ``[out, in]``) or transformers ``Conv1D`` (weight ``[in, out]``)
@@ -48,6 +71,9 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout_p: float =
             embeddings, or for a model without them its ``score`` / ``classifier`` head), or a list
             of names, each matching modules whose qualified name equals it or ends with ``"." + name``.
         use_rslora: rank-stabilised scaling.
+        quantize_base: ``"nf4"`` for QLoRA: the targeted layers' weights are first quantised to
+            NF4 (:func:`quantize`, block size 64, no nesting) and the LoRA layers run
+            ``qlora_linear``. Layers that are already ``NF4Linear`` get QLoRA either way.
 
     Returns:
         ``model`` itself.
@@ -57,7 +83,11 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout_p: float =
             names and some of the model's linear layers), ``target_modules`` has the wrong type,
             or ``r`` / ``dropout_p`` are out of range.
     """
+    if quantize_base not in (None, "nf4"):
+        raise ValueError(f"deltakern.add_lora: quantize_base must be None or 'nf4', got {quantize_base!r}")
     names = resolve_targets(model, target_modules, None, "deltakern.add_lora", strict=True)
+    if quantize_base == "nf4":
+        quantize(model, names)
     _wrap(model, names, r, alpha, dropout_p, use_rslora)
     return model
 
@@ -66,6 +96,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every ``LoRALinear`` of ``model`` into its base layer (``W += scaling · B A``,
     transposed for a ``Conv1D``) and put the plain base layer back at the same name. The merged
     model computes what the LoRA model computes in eval mode. Returns ``model``.
+
+    An NF4 (QLoRA) base is dequantised, merged and quantised to NF4 again (as PEFT merges into
+    bitsandbytes' 4-bit layers): the merged layer stays 4-bit and differs from the LoRA layer by
+    that second rounding, at most one NF4 step of its block per weight.
 
     Raises:
         ValueError: the model has no ``LoRALinear``.

@@ -10,6 +10,7 @@ otherwise runs PEFT's own forward, so merging or switching adapters after ``patc
 
 from __future__ import annotations
 
+import sys
 import types
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..nn.wrapped_linear import is_conv1d
 from ..ops.lora_linear import lora_linear
+from ..ops.qlora_linear import qlora_linear
 
 
 @dataclass
@@ -52,6 +54,34 @@ def _peft_classes(caller: str):
     return Linear, LoraLayer
 
 
+def _peft_linear4bit_class():
+    """PEFT's LoRA layer over bitsandbytes' ``Linear4bit`` (None without bitsandbytes)."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
+
+
+def _is_nf4_base(base: nn.Module) -> bool:
+    """Whether ``base`` is a bitsandbytes ``Linear4bit`` holding an NF4-quantised weight."""
+    state = getattr(base.weight, "quant_state", None)
+    return _is_linear4bit(base) and state is not None and state.quant_type == "nf4"
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    # A model holding one has imported bitsandbytes already; deltakern never imports it.
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def _base_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype the base layer computes in: its weight's, or a 4-bit layer's compute dtype."""
+    if _is_nf4_base(base):
+        return base.compute_dtype or base.weight.quant_state.dtype
+    return base.weight.dtype
+
+
 def _lora_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
     """``(name, layer)`` of every PEFT LoRA layer, names relative to the wrapped base model."""
     linear_cls, layer_cls = _peft_classes(caller)
@@ -83,32 +113,38 @@ def _state_reason(layer: nn.Module) -> str | None:
     dropout = layer.lora_dropout[adapter]
     if not isinstance(dropout, (nn.Identity, nn.Dropout)):
         return f"dropout module {type(dropout).__name__}"
-    if layer.lora_A[adapter].weight.dtype != layer.base_layer.weight.dtype:
-        return (f"LoRA weights in {layer.lora_A[adapter].weight.dtype}, base weight in "
-                f"{layer.base_layer.weight.dtype}")
+    if layer.lora_A[adapter].weight.dtype != _base_dtype(layer.base_layer):
+        return (f"LoRA weights in {layer.lora_A[adapter].weight.dtype}, base computes in "
+                f"{_base_dtype(layer.base_layer)}")
     return None
 
 
 def _skip_reason(layer: nn.Module, linear_cls) -> str | None:
-    if type(layer) is not linear_cls:
+    if type(layer) is not linear_cls and type(layer) is not _peft_linear4bit_class():
         return f"{type(layer).__name__} LoRA layer"
     base = layer.base_layer
-    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+    if _is_linear4bit(base) and not _is_nf4_base(base):
+        return "4-bit base not in NF4 (FP4, or not quantised yet)"
+    if not (isinstance(base, nn.Linear) or is_conv1d(base) or _is_nf4_base(base)):
         return f"base layer is {type(base).__name__}"
     return _state_reason(layer)
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``base(x) + scaling · B(A(drop(x)))`` for the single active adapter, by ``lora_linear``;
-    PEFT's forward when the layer's state or the call does not allow that. x ``[..., in]`` →
+    """``base(x) + scaling · B(A(drop(x)))`` for the single active adapter, by ``lora_linear``
+    (``qlora_linear`` over a bitsandbytes NF4 ``Linear4bit``); PEFT's forward when the layer's
+    state or the call does not allow that. x ``[..., in]`` →
     ``[..., out]``."""
     base = self.base_layer
-    if args or kwargs or self.disable_adapters or x.dtype != base.weight.dtype or _state_reason(self) is not None:
+    if args or kwargs or self.disable_adapters or x.dtype != _base_dtype(base) or _state_reason(self) is not None:
         return type(self).forward(self, x, *args, **kwargs)
     adapter = self.active_adapters[0]
     dropout = self.lora_dropout[adapter]
     # PEFT's dropout module follows the model's train/eval mode; so does its probability here.
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    if _is_nf4_base(base):  # bitsandbytes' Params4bit, read in place
+        return qlora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                            self.scaling[adapter], p)
     weight = base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores [in, out]
     return lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                        self.scaling[adapter], p)
@@ -123,11 +159,12 @@ def patch(peft_model: nn.Module) -> PatchReport:
     """Route the LoRA layers of ``peft_model`` through ``lora_linear``, in place.
 
     Each ``peft.tuners.lora.Linear`` over an ``nn.Linear`` or a ``Conv1D`` (PEFT's
-    ``fan_in_fan_out``) with one active plain-LoRA adapter gets a fused forward; its parameters
-    and their names are untouched. Layers left on PEFT's path, with the reason in the report:
-    DoRA and other LoRA variants, several active adapters, merged weights, ``lora_bias``, LoRA
-    weights in another dtype than the base weight, other layer types (Embedding, Conv2d,
-    quantised layers, ...). Dropout: the adapter's ``lora_dropout`` probability, in training mode
+    ``fan_in_fan_out``), and each LoRA layer over a bitsandbytes NF4 ``Linear4bit`` (QLoRA, run
+    by ``qlora_linear`` on the ``Params4bit`` in place), with one active plain-LoRA adapter gets a
+    fused forward; its parameters and their names are untouched. Layers left on PEFT's path, with
+    the reason in the report: DoRA and other LoRA variants, several active adapters, merged
+    weights, ``lora_bias``, LoRA weights in another dtype than the base computes in, FP4 bases,
+    other layer types (Embedding, Conv2d, 8-bit layers, ...). Dropout: the adapter's ``lora_dropout`` probability, in training mode
     only (the masks are deltakern's, not PEFT's).
 
     Returns:

@@ -9,6 +9,7 @@ import re
 from torch import nn
 
 from ..nn.delta import DeltaModule
+from ..nn.nf4_linear import NF4Linear
 from ..nn.wrapped_linear import is_conv1d
 
 ALL_LINEAR = "all-linear"
@@ -20,7 +21,7 @@ LISTED = 8
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, NF4Linear)) or is_conv1d(module)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
