@@ -65,9 +65,9 @@ def op_problems(spec: OpSpec) -> list[str]:
 
 
 def test_the_registry_lists_every_op_and_method():
-    assert list(ops()) == ["lora_linear", "prefix_attention", "adapter", "ia3_linear"]
-    assert [spec.cli_name for spec in ops().values()] == ["lora", "prefix", "adapter", "ia3"]
-    assert list(methods()) == ["lora", "prefix", "adapter", "prompt", "ptuning", "bitfit", "ia3"]
+    assert list(ops()) == ["lora_linear", "prefix_attention", "adapter", "ia3_linear", "qlora_linear"]
+    assert [spec.cli_name for spec in ops().values()] == ["lora", "prefix", "adapter", "ia3", "qlora"]
+    assert list(methods()) == ["lora", "qlora", "prefix", "adapter", "prompt", "ptuning", "bitfit", "ia3"]
 
 
 @pytest.mark.parametrize("name", list(ops()))
@@ -120,7 +120,7 @@ def test_registering_twice_raises():
 # Files that may name every op: the package faces.
 FACES = ("__init__.py", "bindings.cpp")
 # An op's own files: those whose path names its method (nn/lora.py, patch/ia3.py, ...) or the op.
-OWN = {"lora_linear": "lora", "prefix_attention": "prefix", "ia3_linear": "ia3"}
+OWN = {"lora_linear": "lora", "prefix_attention": "prefix", "ia3_linear": "ia3", "qlora_linear": "qlora"}
 
 
 def files_naming(name: str) -> list[str]:

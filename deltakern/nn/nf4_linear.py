@@ -23,7 +23,7 @@ class NF4Linear(nn.Module):
     stays a frozen ``nn.Parameter``.
 
     On its own the layer dequantises the whole weight per call (as bitsandbytes does on the CPU);
-    under a ``LoRALinear`` the fused ``qlora_linear`` op dequantises it tile by tile instead.
+    under a ``LoRALinear`` the fused QLoRA op dequantises it tile by tile instead.
 
     Attributes:
         in_features, out_features, blocksize, nested: the geometry and format.

@@ -293,3 +293,33 @@ register_method(MethodSpec(
         reference=_e2e_reference,
         deltakern=lambda base: add_lora(base, r=E2E_R, alpha=E2E_ALPHA, dropout_p=E2E_DROPOUT_P, target_modules=ALL_LINEAR),
         pairs=_e2e_pairs)))
+
+
+# QLoRA's end-to-end step: the same LoRA over NF4 base weights (block size 64, every linear layer
+# but the output layer; absmax kept in fp32 on both sides, as nested codes could differ, nf4.py). PEFT's side is what QLoRA users run: bitsandbytes'
+# Linear4bit layers (quantised from the same dense weights, so the bytes are deltakern's) under
+# get_peft_model; QLoRA's checkpoint is LoRA's (PEFT's format, the base stays the user's).
+
+
+def _e2e_qlora_reference(base: nn.Module) -> nn.Module:
+    """``base`` with its targeted linear layers as bitsandbytes NF4 ``Linear4bit`` (compute dtype
+    the model's), marked as loaded in 4 bits, under PEFT's LoRA as in :func:`_e2e_reference`."""
+    import bitsandbytes as bnb
+
+    for name in resolve_targets(base, ALL_LINEAR, None, "deltakern.bench", strict=True):
+        dense = base.get_submodule(name)
+        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                  compute_dtype=dense.weight.dtype, quant_type="nf4", compress_statistics=False)
+        layer.load_state_dict(dense.state_dict())
+        replace_submodule(base, name, layer.to(dense.weight.device))
+    base.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps Linear4bit in its bnb LoRA layer
+    return _e2e_reference(base)
+
+
+register_method(MethodSpec(
+    name="qlora", label="QLoRA",
+    e2e=E2EProviders(
+        reference=_e2e_qlora_reference,
+        deltakern=lambda base: add_lora(base, r=E2E_R, alpha=E2E_ALPHA, dropout_p=E2E_DROPOUT_P, target_modules=ALL_LINEAR,
+                                        quantize_base="nf4"),
+        pairs=_e2e_pairs)))
