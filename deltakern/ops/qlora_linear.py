@@ -104,6 +104,18 @@ SPEC = register_op(OpSpec(name=_OP, cli_name="qlora", reference=reference.qlora_
                            cuda_tensor_cores="cuBLAS"))
 
 
+_CODES: dict[torch.device, torch.Tensor] = {}
+
+
+def _code_on(device: torch.device) -> torch.Tensor:
+    """The NF4 code table on ``device``, copied there once (the kernels read it as a tensor, so
+    the 16 values live in one place, deltakern.nf4)."""
+    code = _CODES.get(device)
+    if code is None:
+        code = _CODES[device] = NF4_CODE.to(device)
+    return code
+
+
 def as_nf4_weight(weight) -> NF4Weight:
     """``weight`` as an :class:`~deltakern.nf4.NF4Weight`: one already, or a bitsandbytes
     ``Params4bit`` (read in place). Anything else raises a ValueError naming what came."""
@@ -193,7 +205,6 @@ def qlora_linear(
         seed_tensor = torch.tensor(seed, dtype=torch.int64)
     else:  # without dropout the seed is unused: leave torch's generator untouched, as PEFT does
         seed_tensor = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
-    code = NF4_CODE.to(x.device)
-    out2d, _ = _FWD_OPS[backend](as_rows(x), weight.packed, weight.absmax_fp32(), code, weight.blocksize,
+    out2d, _ = _FWD_OPS[backend](as_rows(x), weight.packed, weight.absmax_fp32(), _code_on(x.device), weight.blocksize,
                                  out_features, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor)
     return out2d.reshape(*x.shape[:-1], out_features)
