@@ -155,3 +155,18 @@ def test_lora_trains_on_an_nf4_base_in_bf16():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_qlora_module_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    deltakern.add_lora(model, r=4, quantize_base="nf4")
+    draw_normal(model, "lora_B")
+    x = torch.randn(5, 64, requires_grad=True)
+    eager = model(x)
+    eager.sum().backward()
+    eager_grad, x.grad = x.grad, None
+    compiled = torch.compile(model, fullgraph=True)(x)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, eager_grad, atol=1e-6, rtol=1e-6)
