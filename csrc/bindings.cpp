@@ -12,6 +12,7 @@
 #include "ia3_linear.h"
 #include "lora_linear.h"
 #include "prefix_attention.h"
+#include "qlora_linear.h"
 
 // The dropout seed is a one-element int64 CPU tensor rather than an int, so that drawing it
 // (torch.randint) stays inside a torch.compile graph instead of breaking it with .item().
@@ -22,6 +23,19 @@ TORCH_LIBRARY(deltakern, m) {
   m.def(
       "lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor xa, float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  // qlora_linear: lora_linear over an NF4 base weight (packed codes, fp32 absmax, the 16 fp32
+  // levels), dequantised tile by tile inside the base GEMMs; the weight gets no gradient.
+  m.def(
+      "qlora_linear_fwd(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+      "int out_features, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
+      "Tensor seed) -> (Tensor, Tensor)");
+  m.def(
+      "qlora_linear_bwd(Tensor grad_out, Tensor x, Tensor packed, Tensor absmax, Tensor code, "
+      "int blocksize, Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, float dropout_p, "
+      "Tensor seed) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "nf4_dequantize(Tensor packed, Tensor absmax, Tensor code, int blocksize, int rows, int cols, "
+      "ScalarType dtype) -> Tensor");
   m.def(
       "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
       "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor)");
@@ -49,6 +63,9 @@ TORCH_LIBRARY(deltakern, m) {
 TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
   m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd_cpu);
+  m.impl("qlora_linear_fwd", &deltakern::qlora_linear_fwd_cpu);
+  m.impl("qlora_linear_bwd", &deltakern::qlora_linear_bwd_cpu);
+  m.impl("nf4_dequantize", &deltakern::nf4_dequantize_cpu);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cpu);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cpu);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cpu);
@@ -61,6 +78,9 @@ TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
 TORCH_LIBRARY_IMPL(deltakern, CUDA, m) {
   m.impl("lora_linear_fwd", &deltakern::lora_linear_fwd_cuda);
   m.impl("lora_linear_bwd", &deltakern::lora_linear_bwd_cuda);
+  m.impl("qlora_linear_fwd", &deltakern::qlora_linear_fwd_cuda);
+  m.impl("qlora_linear_bwd", &deltakern::qlora_linear_bwd_cuda);
+  m.impl("nf4_dequantize", &deltakern::nf4_dequantize_cuda);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cuda);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cuda);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cuda);

@@ -47,10 +47,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed);
 
+// The CPU dropout kernels, for the ops that build on lora_linear's decomposition.
+const LoraDropoutKernels& lora_dropout_kernels_cpu();
+
 // Bool [rows, cols] keep-mask of the dropout of (seed, dropout_p): exposes philox.h to the tests.
 at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double dropout_p, int64_t seed);
 
 #ifdef DELTAKERN_WITH_CUDA
+// The CUDA dropout kernels, as lora_dropout_kernels_cpu.
+const LoraDropoutKernels& lora_dropout_kernels_cuda();
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias,
                                                         const at::Tensor& lora_A, const at::Tensor& lora_B,

@@ -145,6 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
   return lora_linear_bwd_gemms(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, kDropout);
 }
 
+const LoraDropoutKernels& lora_dropout_kernels_cpu() { return kDropout; }
+
 at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double dropout_p, int64_t seed) {
   TORCH_CHECK(rows >= 0 && cols >= 0, "deltakern.dropout_keep_mask: rows and cols must be >= 0");
   at::Tensor mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));

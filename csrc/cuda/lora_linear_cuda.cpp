@@ -118,6 +118,8 @@ constexpr LoraDropoutKernels kDropout{&dropout_shrink, &dropout_lowrank_backward
 
 }  // namespace
 
+const LoraDropoutKernels& lora_dropout_kernels_cuda() { return kDropout; }
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias,
                                                         const at::Tensor& lora_A, const at::Tensor& lora_B,

@@ -1,0 +1,407 @@
+// CPU kernels of qlora_linear's base GEMMs over an NF4 weight Ŵ [N, K], and of nf4_dequantize;
+// the rest of the op is lora_linear's decomposition (csrc/qlora_linear.h) with lora_linear's CPU
+// dropout kernels.
+//
+// Both base GEMMs walk tiles Ŵ[n0 : n0 + tn, k0 : k0 + tk], each dequantised into a buffer right
+// before the GEMM that reads it (ATen's addmm_ on views of the blocks, i.e. MKL, accumulating with
+// beta = 1); the dense weight never exists and every tile is dequantised once per call:
+//   forward   out[:, n0 : n0 + tn] += x[:, k0 : k0 + tk] tileᵀ
+//   backward  dx[:, k0 : k0 + tk]  += dY[:, n0 : n0 + tn] tile
+// in one of two ways, by the row count M of x or dY:
+//   M >= kSharedTileMinRows  shared tiles of up to kTileElements (1 MiB in fp32: [256, 1024] for
+//                            K = 1024), one after another: all threads dequantise a tile, then
+//                            MKL multiplies it on all threads
+//   M <  kSharedTileMinRows  one parallel region; each task dequantises its own tiles of up to
+//                            kTaskTileElements (512 KiB) and multiplies them single-threaded. The
+//                            forward's tasks own column tiles of out (row tiles of Ŵ), the
+//                            backward's column slabs of dx (column slabs of Ŵ): no two tasks
+//                            write one element
+// Buffers are thread-local and kept between calls (thread_buffer): at most 1 MiB per thread in
+// fp32, 2 MiB in fp64, whatever the weight's size.
+//
+// NOTE tile sizes, MKL single-threaded at M = 2048, K = N = 1024 fp32 (same cached tile
+// reused, medians of 9, loaded machine): forward x Wᵀ as row tiles of 64 / 128 / 256 / 512 rows
+// 77 / 72 / 76 / 62 ms against 61 ms for the whole product; backward dY W as row tiles
+// 86 / 61 / 59 / 66 ms, as column slabs 80 / 73 / 61 / 62 ms, against 60 ms. MKL repacks x for
+// every narrow tile, hence wide shared tiles for large M. At M = 16 the tiles' GEMMs alone took
+// 1.13 / 0.97 / 0.89 ms for tiles of 64 / 128 / 256 rows against 0.85 ms for the dense product:
+// on this machine MKL's M = 16 GEMM runs at ~40 GFLOP/s, compute-bound rather than bound by
+// reading the 4 MiB weight, so the smaller packed weight cannot pay for itself there.
+//
+// bf16 computes in fp32 (QloraBaseKernels::accumulate): the tile holds the bf16-rounded values in
+// fp32, exactly, and MKL's sgemm runs. torch's own bf16 GEMM on this AVX2 machine (no AVX-512
+// BF16) took 0.56 s for F.linear at M = 2048, K = N = 1024 against 37 ms in fp32. fp64
+// (gradcheck) runs dgemm on fp64 tiles.
+//
+// Dequantisation: per absmax block a 16-entry table lut[j] = code[j] * absmax[block] (the fp32
+// products bitsandbytes forms), rounded to the compute dtype (rounding the table is rounding
+// every value), then a lookup per element. With AVX2 the table is two vmulps and 16 codes come
+// from 8 bytes by a few shuffles and two vpermps blended on the code's bit 3. 1M values into a
+// reused buffer: 0.26 ms on one thread (0.9 ms before, with a scalar table and an integer
+// division per block, and a fresh buffer per call whose page faults cost as much as the decode).
+//
+// NOTE timings, fwd + bwd ops (gradients of x, A, B; r = 16, dropout_p = 0.1, K = N = 1024,
+// blocksize 64) against F.linear fwd + bwd with a frozen weight in the same dtype, interleaved
+// medians of 21 (3 for bf16 at M = 2048), AMD EPYC Zen 3 with AVX2, 2 threads, shared with other
+// jobs (load average 1.5 to 4, so runs vary by up to 1.5x; /tmp bench script in the report):
+//   fp32 M = 2048   75.3 / 62.5 ms (1.20x); another run 235.7 / 140.3 ms; 1 thread 165 / 138 (1.20x)
+//   fp32 M = 16     2.30 / 2.77 ms (0.83x); another run 2.10 / 1.67 ms; 1 thread 3.00 / 2.04 (1.47x)
+//   bf16 M = 2048   78.7 ms / 4.84 s;  bf16 M = 16   2.76 / 38.9 ms
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "blocks.h"
+#include "deltakern/nf4.h"
+#include "lora_linear.h"
+#include "qlora_linear.h"
+
+namespace deltakern {
+namespace {
+
+// Values of Ŵ per tile: 1 MiB in fp32 (NOTE at the top of the file), with at most
+// kMaxReduction columns.
+constexpr int64_t kTileElements = 256 * 1024;
+constexpr int64_t kMaxReduction = 1024;
+// Elements of Ŵ per dequantisation task, at least.
+constexpr int64_t kDequantizeGrain = 1 << 15;
+// Problems with at least this many rows (of x or dY) take the shared tiles (for_each_tile), fewer
+// the task tiles (base_forward_impl). Not measured finely: the machine's load swamped the
+// difference between the two paths between M = 16 and M = 2048.
+constexpr int64_t kSharedTileMinRows = 128;
+
+// The raw weight of an Nf4Weight, for the loops below. blocksize is a power of two.
+struct Nf4Raw {
+  const uint8_t* packed;
+  const float* absmax;
+  const float* code;
+  int block_shift;
+  int64_t rows, cols;
+};
+
+Nf4Raw raw(const Nf4Weight& w) {
+  return {w.packed.const_data_ptr<uint8_t>(), w.absmax.const_data_ptr<float>(), w.code.const_data_ptr<float>(),
+          __builtin_ctzll(static_cast<uint64_t>(w.blocksize)), w.rows, w.cols};
+}
+
+// dst[j] = lut[code of element j] for the n elements from an even element whose byte is bytes[0].
+template <typename acc_t>
+void decode_span_scalar(const uint8_t* bytes, const float* lut, int64_t n, acc_t* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    const unsigned byte = bytes[j >> 1];
+    dst[j] = lut[(j & 1) ? (byte & 0xFu) : (byte >> 4)];
+  }
+}
+
+__attribute__((target("avx2"))) inline __m256 lookup16(__m256 lut_lo, __m256 lut_hi, __m256i codes) {
+  // vpermps reads the low 3 bits of each code; bit 3, shifted into the sign bit, picks the half.
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, codes), _mm256_permutevar8x32_ps(lut_hi, codes),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+}
+
+// The 16 table entries in two halves, rounded to round_t like the scalar path's static_cast:
+// bf16 round to nearest even with NaN to 0x7fc0 (c10::BFloat16), fp16 by vcvtps2ph (IEEE round
+// to nearest even, as c10::Half).
+template <typename round_t>
+__attribute__((target("avx2,f16c"))) inline __m256 round_lanes(__m256 v) {
+  if constexpr (std::is_same_v<round_t, c10::BFloat16>) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb),
+                                             _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)),
+                            _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  } else if constexpr (std::is_same_v<round_t, c10::Half>) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    return v;
+  }
+}
+
+// decode_run (below) for fp32 output with AVX2: the table of a block is two vmulps, its lookup
+// 16 codes from 8 bytes by a few shuffles and two vpermps.
+template <typename round_t>
+__attribute__((target("avx2,f16c"))) void decode_run_avx2(const uint8_t* packed, const float* absmax,
+                                                          const float* code, int block_shift, int64_t first,
+                                                          int64_t len, float* dst) {
+  const __m256 code_lo = _mm256_loadu_ps(code);
+  const __m256 code_hi = _mm256_loadu_ps(code + 8);
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  alignas(32) float lut[16];
+  const int64_t end = first + len;
+  for (int64_t i = first; i < end;) {
+    const int64_t block = i >> block_shift;
+    const int64_t stop = std::min(end, (block + 1) << block_shift);
+    const __m256 scale = _mm256_set1_ps(absmax[block]);
+    const __m256 lut_lo = round_lanes<round_t>(_mm256_mul_ps(code_lo, scale));
+    const __m256 lut_hi = round_lanes<round_t>(_mm256_mul_ps(code_hi, scale));
+    float* out = dst + (i - first);
+    const bool ragged = (i & 1) || (stop - i) % 16 != 0;
+    if (ragged) {
+      _mm256_store_ps(lut, lut_lo);
+      _mm256_store_ps(lut + 8, lut_hi);
+    }
+    if (i & 1) {  // an odd start: the low nibble of a byte whose high one is not ours
+      *out++ = lut[packed[i >> 1] & 0xFu];
+      ++i;
+    }
+    const uint8_t* bytes = packed + (i >> 1);
+    const int64_t n = stop - i;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m128i pair = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j / 2));
+      const __m128i high = _mm_and_si128(_mm_srli_epi16(pair, 4), low_nibbles);
+      const __m128i low = _mm_and_si128(pair, low_nibbles);
+      const __m128i codes = _mm_unpacklo_epi8(high, low);  // element order: high nibble first
+      _mm256_storeu_ps(out + j, lookup16(lut_lo, lut_hi, _mm256_cvtepu8_epi32(codes)));
+      _mm256_storeu_ps(out + j + 8,
+                       lookup16(lut_lo, lut_hi, _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(codes, codes))));
+    }
+    if (j < n) decode_span_scalar(bytes + j / 2, lut, n - j, out + j);
+    i = stop;
+  }
+}
+
+bool has_avx2() {
+  static const bool avx2 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
+  return avx2;
+}
+
+// dst[0, len) = the values of the flat elements [first, first + len) of w in acc_t, each rounded
+// to round_t (float: none; fp64 takes the fp32 product exactly).
+template <typename acc_t, typename round_t>
+void decode_run(const Nf4Raw& w, int64_t first, int64_t len, acc_t* dst) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (has_avx2()) return decode_run_avx2<round_t>(w.packed, w.absmax, w.code, w.block_shift, first, len, dst);
+  }
+  alignas(32) float lut[16];
+  const int64_t end = first + len;
+  for (int64_t i = first; i < end;) {
+    const int64_t block = i >> w.block_shift;
+    const int64_t stop = std::min(end, (block + 1) << w.block_shift);
+    const float scale = w.absmax[block];
+    for (int j = 0; j < 16; ++j) lut[j] = static_cast<float>(static_cast<round_t>(w.code[j] * scale));
+    acc_t* out = dst + (i - first);
+    if (i & 1) {  // an odd start: the low nibble of a byte whose high one is not ours
+      *out++ = lut[w.packed[i >> 1] & 0xFu];
+      ++i;
+    }
+    decode_span_scalar(w.packed + (i >> 1), lut, stop - i, out);
+    i = stop;
+  }
+}
+
+// A buffer of n acc_t for the calling thread, kept between calls: a fresh 256 KiB to 1 MiB
+// allocation is mmap'ed and page-faults on first touch, which cost as much as dequantising into it.
+template <typename acc_t>
+acc_t* thread_buffer(int64_t n) {
+  thread_local std::vector<acc_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// f.template operator()<round_t>() with round_t the C++ type of dtype (float for fp32 and fp64,
+// whose values are the fp32 products themselves).
+template <typename F>
+void dispatch_rounding(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kBFloat16: return f.template operator()<c10::BFloat16>();
+    case at::kHalf: return f.template operator()<c10::Half>();
+    default: return f.template operator()<float>();
+  }
+}
+
+// tile [rows, cols] (contiguous) = Ŵ[n0 : n0 + rows, k0 : k0 + cols], rows in parallel.
+template <typename acc_t>
+void dequantize_tile(const Nf4Raw& w, at::ScalarType dtype, int64_t n0, int64_t rows, int64_t k0, int64_t cols,
+                     acc_t* tile) {
+  dispatch_rounding(dtype, [&]<typename round_t>() {
+    at::parallel_for(0, rows, std::max<int64_t>(1, kDequantizeGrain / cols), [&](int64_t begin, int64_t end) {
+      if (cols == w.cols) {  // whole rows: one flat run
+        decode_run<acc_t, round_t>(w, (n0 + begin) * w.cols, (end - begin) * cols, tile + begin * cols);
+        return;
+      }
+      for (int64_t r = begin; r < end; ++r) {
+        decode_run<acc_t, round_t>(w, (n0 + r) * w.cols + k0, cols, tile + r * cols);
+      }
+    });
+  });
+}
+
+// Calls f(n0, tn, k0, tk, tile) for the tiles of Ŵ, tile = Ŵ[n0 : n0 + tn, k0 : k0 + tk] as a
+// contiguous [tn, tk] tensor in one reused buffer of acc_t.
+template <typename acc_t, typename F>
+void for_each_tile(const Nf4Weight& weight, F&& f) {
+  const Nf4Raw w = raw(weight);
+  const int64_t tk = std::min(w.cols, kMaxReduction);
+  const int64_t tile_rows = std::min(w.rows, std::max<int64_t>(1, kTileElements / tk));
+  acc_t* buffer = thread_buffer<acc_t>(tile_rows * tk);
+  for_each_block(0, w.rows, tile_rows, [&](int64_t n0, int64_t tn) {
+    for_each_block(0, w.cols, tk, [&](int64_t k0, int64_t cols) {
+      dequantize_tile(w, weight.dtype, n0, tn, k0, cols, buffer);
+      f(n0, tn, k0, cols, block_view(buffer, tn, cols, cols));
+    });
+  });
+}
+
+// Small problems: one parallel region, each task dequantising its own tiles of at most
+// kTaskTileElements (512 KiB in fp32, one Zen 3 core's L2; tiles of 128 rows beat 64, NOTE at the
+// top) and multiplying them at once, single-threaded. The forward's tasks own column tiles of out
+// (row tiles of Ŵ), the backward's column slabs of dx (column slabs of Ŵ), so no two tasks write
+// one element.
+constexpr int64_t kTaskTileElements = 128 * 1024;
+
+// Sides of a task's tile: `reduction` along the GEMM's reduction, `owned` along the side the
+// tasks split (at least one tile per task).
+struct TaskTile {
+  int64_t reduction, owned;
+};
+
+TaskTile task_tile(int64_t reduction_extent, int64_t owned_extent, int64_t tasks) {
+  const int64_t reduction = std::min(reduction_extent, kMaxReduction);
+  const int64_t owned = std::min({std::max<int64_t>(1, kTaskTileElements / reduction), owned_extent,
+                                  (owned_extent + tasks - 1) / tasks});
+  return {reduction, owned};
+}
+
+template <typename acc_t>
+void base_forward_impl(const at::Tensor& x, const Nf4Weight& weight, at::Tensor& out) {
+  const int64_t M = x.size(0), N = weight.rows, K = weight.cols;
+  if (M == 0 || N == 0 || K == 0) return;
+  if (M >= kSharedTileMinRows) {
+    for_each_tile<acc_t>(weight, [&](int64_t n0, int64_t tn, int64_t k0, int64_t tk, const at::Tensor& tile) {
+      out.narrow(1, n0, tn).addmm_(x.narrow(1, k0, tk), tile.t());
+    });
+    return;
+  }
+  const Nf4Raw w = raw(weight);
+  const int64_t threads = at::get_num_threads();
+  const TaskTile shape = task_tile(K, N, threads);
+  const int64_t tiles = (N + shape.owned - 1) / shape.owned;
+  for_each_share(tiles, std::min(threads, tiles), [&](int64_t, int64_t first, int64_t last) {
+    acc_t* buffer = thread_buffer<acc_t>(shape.owned * shape.reduction);
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t n0 = t * shape.owned, tn = std::min(shape.owned, N - n0);
+      for_each_block(0, K, shape.reduction, [&](int64_t k0, int64_t tk) {
+        dequantize_tile(w, weight.dtype, n0, tn, k0, tk, buffer);
+        out.narrow(1, n0, tn).addmm_(x.narrow(1, k0, tk), block_view(buffer, tn, tk, tk).t());
+      });
+    }
+  });
+}
+
+template <typename acc_t>
+void base_backward_impl(const at::Tensor& grad_out, const Nf4Weight& weight, at::Tensor& dx) {
+  const int64_t M = grad_out.size(0), N = weight.rows, K = weight.cols;
+  if (M == 0 || N == 0 || K == 0) return;
+  if (M >= kSharedTileMinRows) {
+    for_each_tile<acc_t>(weight, [&](int64_t n0, int64_t tn, int64_t k0, int64_t tk, const at::Tensor& tile) {
+      dx.narrow(1, k0, tk).addmm_(grad_out.narrow(1, n0, tn), tile);
+    });
+    return;
+  }
+  const Nf4Raw w = raw(weight);
+  const int64_t threads = at::get_num_threads();
+  const TaskTile shape = task_tile(N, K, threads);
+  const int64_t slabs = (K + shape.owned - 1) / shape.owned;
+  for_each_share(slabs, std::min(threads, slabs), [&](int64_t, int64_t first, int64_t last) {
+    acc_t* buffer = thread_buffer<acc_t>(shape.owned * shape.reduction);
+    for (int64_t s = first; s < last; ++s) {
+      const int64_t k0 = s * shape.owned, tk = std::min(shape.owned, K - k0);
+      for_each_block(0, N, shape.reduction, [&](int64_t n0, int64_t tn) {
+        dequantize_tile(w, weight.dtype, n0, tn, k0, tk, buffer);
+        dx.narrow(1, k0, tk).addmm_(grad_out.narrow(1, n0, tn), block_view(buffer, tn, tk, tk));
+      });
+    }
+  });
+}
+
+// The GEMMs run on fp32 tiles for fp32 and bf16, fp64 tiles for fp64.
+at::ScalarType accumulate_dtype(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble, kQloraOp,
+              ": x must be float32, bfloat16 or float64 on CPU, got ", dtype);
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), kQloraOp, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+void base_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& out) {
+  if (x.scalar_type() == at::kDouble) {
+    base_forward_impl<double>(x, w, out);
+  } else {
+    base_forward_impl<float>(x, w, out);
+  }
+}
+
+void base_backward(const at::Tensor& grad_out, const Nf4Weight& w, at::Tensor& dx) {
+  if (grad_out.scalar_type() == at::kDouble) {
+    base_backward_impl<double>(grad_out, w, dx);
+  } else {
+    base_backward_impl<float>(grad_out, w, dx);
+  }
+}
+
+constexpr QloraBaseKernels kBase{&base_forward, &base_backward, &accumulate_dtype};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> qlora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& packed,
+                                                        const at::Tensor& absmax, const at::Tensor& code,
+                                                        int64_t blocksize, int64_t out_features,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                        double scaling, double dropout_p, const at::Tensor& seed) {
+  check_cpu(x, "x");
+  return qlora_linear_fwd_gemms(x, packed, absmax, code, blocksize, out_features, bias, lora_A, lora_B, scaling,
+                                dropout_p, seed, kBase, lora_dropout_kernels_cpu());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_linear_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const at::Tensor& code, int64_t blocksize, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed) {
+  check_cpu(x, "x");
+  return qlora_linear_bwd_gemms(grad_out, x, packed, absmax, code, blocksize, lora_A, lora_B, xa, scaling,
+                                dropout_p, seed, kBase, lora_dropout_kernels_cpu());
+}
+
+at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                              int64_t blocksize, int64_t rows, int64_t cols, at::ScalarType dtype) {
+  check_cpu(packed, "packed");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              kQloraOp, ": nf4_dequantize's dtype must be float32, float64, bfloat16 or float16, got ", dtype);
+  const Nf4Weight weight = check_nf4_weight(packed, absmax, code, blocksize, rows, cols, dtype, packed.device());
+  const Nf4Raw w = raw(weight);
+  at::Tensor out = at::empty({rows, cols}, packed.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "nf4_dequantize_cpu", [&] {
+    scalar_t* data = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows * cols, kDequantizeGrain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+        decode_run<scalar_t, float>(w, begin, end - begin, data + begin);
+      } else {
+        // The table is rounded to scalar_t, so the conversion of its values is exact.
+        std::vector<float> chunk(end - begin);
+        decode_run<float, scalar_t>(w, begin, end - begin, chunk.data());
+        std::copy(chunk.begin(), chunk.end(), data + begin);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace deltakern
