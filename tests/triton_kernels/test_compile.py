@@ -75,6 +75,10 @@ def test_every_kernel_is_compiled():
     # One GEMM each way; the scale's side (0 output, 1 input) is the variant.
     assert {job.kernel for job in compile_jobs("ia3_linear")} == {"fwd", "bwd"}
     assert {job.variant for job in compile_jobs("ia3_linear")} == {0, 1}
+    # The two GEMMs that read the NF4 weight, each for even K (row runs of bytes) and odd K.
+    assert {job.kernel for job in compile_jobs("qlora_linear")} == {
+        "fwd", "fwd_odd_k", "dx", "dx_odd_k", "dx_dropout", "dx_dropout_odd_k"}
+    assert {job.variant for job in compile_jobs("qlora_linear")} == {16, 64}
 
 
 @pytest.mark.parametrize("job", JOBS, ids=[f"{job.op}-{job.id}" for job in JOBS])
