@@ -91,7 +91,8 @@ DA_CONFIGS = [
 
 # The interpreter runs each program in numpy, so one small config (the tl.dot minimum of 16 and
 # a few tiles per launch) keeps the tests fast and still exercises multi-tile loops and edges.
-_INTERPRETER_CONFIG = {
+# qlora_linear reuses it and low_rank_tile for its own kernels.
+INTERPRETER_CONFIG = {
     "gemm": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
     "shrink": {"BLOCK_M": 16, "BLOCK_K": 32},
     "dy": {"BLOCK_M": 16, "BLOCK_N": 32},
@@ -110,7 +111,7 @@ _R_CHUNK = tl.constexpr(16)
 
 
 @triton.jit
-def _low_rank_tile(left_ptr, right_ptr, rows, cols, R, right_stride_r, right_stride_col,
+def low_rank_tile(left_ptr, right_ptr, rows, cols, R, right_stride_r, right_stride_col,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] tile of left[rows, :R] @ right[:R, cols].
 
@@ -174,7 +175,7 @@ def _lora_fwd_kernel(
     # The low-rank term starts the accumulator instead of ending it: the [BLOCK_M, BLOCK_N]
     # product of xa and B^T is then never live next to the main accumulator. As an epilogue,
     # the 128x128x32 / 4-warp GEMM spilled (20 B on sm_80, 900 B on sm_90); as a prologue, not.
-    acc = _low_rank_tile(xa_ptr, b_ptr, rows, cols, R, 1, R, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION) * scaling
+    acc = low_rank_tile(xa_ptr, b_ptr, rows, cols, R, 1, R, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION) * scaling
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -266,7 +267,7 @@ def _lora_dx_kernel(
     cols = offs_n % K
     # Low-rank term and mask first, for the register reason given in _lora_fwd_kernel; the mask
     # is regenerated here from (seed, element) rather than read back from memory.
-    acc = _low_rank_tile(dxa_ptr, a_ptr, rows, cols, R, K, 1, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
+    acc = low_rank_tile(dxa_ptr, a_ptr, rows, cols, R, K, 1, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, offs_m[:, None] * K + offs_n[None, :], dropout_p)
         acc = tl.where(keep, acc * keep_scale, 0.0)
@@ -363,13 +364,13 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     launch(
         lora_shrink_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
         x, lora_A, xa, M, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
-        interpreter_config=_INTERPRETER_CONFIG["shrink"],
+        interpreter_config=INTERPRETER_CONFIG["shrink"],
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     launch(
         lora_fwd_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
         x, weight, bias, xa, lora_B, out, M, N, K, R, scaling,
-        interpreter_config=_INTERPRETER_CONFIG["gemm"],
+        interpreter_config=INTERPRETER_CONFIG["gemm"],
         HAS_BIAS=bias is not None, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     return out, xa
@@ -401,21 +402,21 @@ def lora_linear_bwd(grad_out, x, weight, lora_A, lora_B, xa, scaling: float, dro
     launch(
         lora_dy_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
         grad_out, lora_B, xa, dxa, db, M, N, R, scaling,
-        interpreter_config=_INTERPRETER_CONFIG["dy"],
+        interpreter_config=INTERPRETER_CONFIG["dy"],
         BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     launch(
         lora_da_kernel,
         lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"] * meta["M_TILES"])),
         dxa, x, da, M, K, R, seed, dropout_p, keep_scale,
-        interpreter_config=_INTERPRETER_CONFIG["da"],
+        interpreter_config=INTERPRETER_CONFIG["da"],
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     launch(
         lora_dx_dropout_kernel if has_dropout else lora_dx_kernel,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
         grad_out, weight, dxa, lora_A, dx, M, N, K, R, seed, dropout_p, keep_scale,
-        interpreter_config=_INTERPRETER_CONFIG["gemm"],
+        interpreter_config=INTERPRETER_CONFIG["gemm"],
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     return dx, da.to(x.dtype), db.to(x.dtype)

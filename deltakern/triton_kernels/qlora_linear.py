@@ -33,9 +33,9 @@ import triton.language as tl
 
 from deltakern.triton_kernels.common import AotSpec, block_r, dot_precision, grouped_tile, launch
 from deltakern.triton_kernels.lora_linear import (
-    _INTERPRETER_CONFIG,
+    INTERPRETER_CONFIG,
     RANKS,
-    _low_rank_tile,
+    low_rank_tile,
     lora_da_kernel,
     lora_dy_kernel,
     lora_shrink_kernel,
@@ -153,7 +153,7 @@ def _qlora_fwd_kernel(
     cols = offs_n % N
     all_cols = offs_n >= 0  # the wrapped weight rows are all valid: only K is masked in the tile
     # Low-rank prologue, as in lora_linear's GEMM (registers; see _lora_fwd_kernel).
-    acc = _low_rank_tile(xa_ptr, b_ptr, rows, cols, R, 1, R, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION) * scaling
+    acc = low_rank_tile(xa_ptr, b_ptr, rows, cols, R, 1, R, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION) * scaling
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
@@ -182,7 +182,7 @@ def _qlora_dx_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M
     cols = offs_n % K
-    acc = _low_rank_tile(dxa_ptr, a_ptr, rows, cols, R, K, 1, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
+    acc = low_rank_tile(dxa_ptr, a_ptr, rows, cols, R, K, 1, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, offs_m[:, None] * K + offs_n[None, :], dropout_p)
         acc = tl.where(keep, acc * keep_scale, 0.0)
@@ -290,7 +290,7 @@ def qlora_linear_fwd(x, packed, absmax, code, blocksize: int, out_features: int,
     launch(
         lora_shrink_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
         x, lora_A, xa, M, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
-        interpreter_config=_INTERPRETER_CONFIG["shrink"],
+        interpreter_config=INTERPRETER_CONFIG["shrink"],
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     even_k = K % 2 == 0
@@ -298,7 +298,7 @@ def qlora_linear_fwd(x, packed, absmax, code, blocksize: int, out_features: int,
         qlora_fwd_kernel if even_k else qlora_fwd_odd_k_kernel,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
         x, packed, absmax, code, bias, xa, lora_B, out, M, N, K, R, _blocksize_log2(blocksize), scaling,
-        interpreter_config=_INTERPRETER_CONFIG["gemm"],
+        interpreter_config=INTERPRETER_CONFIG["gemm"],
         HAS_BIAS=bias is not None, EVEN_K=even_k, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     return out, xa
@@ -332,14 +332,14 @@ def qlora_linear_bwd(grad_out, x, packed, absmax, code, blocksize: int, lora_A, 
     launch(
         lora_dy_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
         grad_out, lora_B, xa, dxa, db, M, N, R, scaling,
-        interpreter_config=_INTERPRETER_CONFIG["dy"],
+        interpreter_config=INTERPRETER_CONFIG["dy"],
         BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     launch(
         lora_da_kernel,
         lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"] * meta["M_TILES"])),
         dxa, x, da, M, K, R, seed, dropout_p, keep_scale,
-        interpreter_config=_INTERPRETER_CONFIG["da"],
+        interpreter_config=INTERPRETER_CONFIG["da"],
         HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     even_k = K % 2 == 0
@@ -352,7 +352,7 @@ def qlora_linear_bwd(grad_out, x, packed, absmax, code, blocksize: int, lora_A, 
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
         grad_out, packed, absmax, code, dxa, lora_A, dx, M, N, K, R, _blocksize_log2(blocksize), seed, dropout_p,
         keep_scale,
-        interpreter_config=_INTERPRETER_CONFIG["gemm"],
+        interpreter_config=INTERPRETER_CONFIG["gemm"],
         HAS_DROPOUT=has_dropout, EVEN_K=even_k, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
     return dx, da.to(x.dtype), db.to(x.dtype)
