@@ -7,11 +7,14 @@
 // beta = 1); the dense weight never exists and every tile is dequantised once per call:
 //   forward   out[:, n0 : n0 + tn] += x[:, k0 : k0 + tk] tileᵀ
 //   backward  dx[:, k0 : k0 + tk]  += dY[:, n0 : n0 + tn] tile
-// in one of two ways, by the row count M of x or dY:
+// in one of three ways, by the row count M of x or dY:
+//   M <= kFusedMaxRows       (fp32 / bf16 with AVX2 + FMA) no GEMM call: each task decodes small
+//                            panels of Ŵ into L1 and runs hand-written FMA micro-kernels on them
+//                            (fused_forward / fused_backward, comment above kFusedMaxRows)
 //   M >= kSharedTileMinRows  shared tiles of up to kTileElements (1 MiB in fp32: [256, 1024] for
 //                            K = 1024), one after another: all threads dequantise a tile, then
 //                            MKL multiplies it on all threads
-//   M <  kSharedTileMinRows  one parallel region; each task dequantises its own tiles of up to
+//   otherwise                one parallel region; each task dequantises its own tiles of up to
 //                            kTaskTileElements (512 KiB) and multiplies them single-threaded. The
 //                            forward's tasks own column tiles of out (row tiles of Ŵ), the
 //                            backward's column slabs of dx (column slabs of Ŵ): no two tasks
@@ -43,10 +46,34 @@
 // NOTE timings, fwd + bwd ops (gradients of x, A, B; r = 16, dropout_p = 0.1, K = N = 1024,
 // blocksize 64) against F.linear fwd + bwd with a frozen weight in the same dtype, interleaved
 // medians of 21 (3 for bf16 at M = 2048), AMD EPYC Zen 3 with AVX2, 2 threads, shared with other
-// jobs (load average 1.5 to 4, so runs vary by up to 1.5x; /tmp bench script in the report):
+// jobs (load average 1.5 to 4, so runs vary by up to 1.5x):
 //   fp32 M = 2048   75.3 / 62.5 ms (1.20x); another run 235.7 / 140.3 ms; 1 thread 165 / 138 (1.20x)
-//   fp32 M = 16     2.30 / 2.77 ms (0.83x); another run 2.10 / 1.67 ms; 1 thread 3.00 / 2.04 (1.47x)
-//   bf16 M = 2048   78.7 ms / 4.84 s;  bf16 M = 16   2.76 / 38.9 ms
+//   bf16 M = 2048   78.7 ms / 4.84 s;  bf16 M = 16   2.76 / 38.9 ms (before the fused path)
+//
+// NOTE small M, the fused path (kFusedMaxRows): same op and F.linear timings, 1 thread (the other
+// core busy with other jobs' compiles; 2-thread medians were meaningless then, quantised to 16 and
+// 32 ms by the scheduler), interleaved medians of 21, wall time:
+//   M       1           8           16          32 (per-task tiles)  64 (per-task tiles)
+//   ours    1.71 ms     2.99        4.01        5.64                 8.03
+//   dense   0.61        1.96        2.72        3.82                 5.66
+//   ratio   2.79x       1.53x       1.47x       1.48x                1.42x
+// and M = 2048 unchanged, 165 / 122 ms (1.36x, 1 thread). The base GEMMs alone (r = 1, p = 0,
+// direct ops, fwd + bwd, thread CPU time, medians of 31), fused against the per-task tiles against
+// MKL on the dense weight: M = 1 1.14 / 1.29 / 0.49 ms, M = 8 1.99 / 2.40 / 1.62, M = 16
+// 2.34 / 2.64 / 1.85, M = 32 3.70 / 3.74 / 2.82, M = 64 6.07 / 5.54 / 4.51: 0.83x to 0.89x of the
+// per-task tiles up to 16 rows, even at 32, behind at 64, hence kFusedMaxRows = 16. The fused
+// kernels do not reach the dense product: in isolation (L1-resident operands) dot_tile and
+// axpy_tile run at 3.7 to 4.1 G vector FMAs/s against 5.1 to 5.7 for an FMA-only loop, about MKL's
+// own rate at M = 32 (its small-M cost is packing, not its kernel), and the decode adds
+// 0.25 to 0.35 ms per million values per thread (~0.9 cycle a value, bound on the vpermps /
+// vblendvps lookups) whatever the run length: more than F.linear needs to read the fp32 weight
+// at M = 1. The rest of the op's gap is outside the GEMMs: at M = 16 on 1 thread the LoRA branch
+// with dropout adds ~0.2 ms to each direction and the Python / autograd wrapper ~0.6 ms.
+// Measured by a scratch script: deltakern.qlora_linear with x, A, B requiring grad (r = 16,
+// p = 0.1, blocksize 64) against F.linear(x, Ŵ dense, b) with x requiring grad, each step
+// .backward(dY), the two interleaved in one loop; `deltakern bench --ops qlora` times the same
+// comparison (frozen-linear against deltakern-cpu). The base-GEMM split used a temporary switch
+// between the paths, since removed.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -277,10 +304,269 @@ TaskTile task_tile(int64_t reduction_extent, int64_t owned_extent, int64_t tasks
   return {reduction, owned};
 }
 
+// Small M (at most kFusedMaxRows rows of x or dY) with AVX2 and FMA: the base GEMMs fused with
+// the decode, on hand-written micro-kernels rather than MKL (whose small-M GEMM runs at
+// ~40 GFLOP/s here, NOTE at the top). Each task decodes a small panel of Ŵ into an L1-resident
+// buffer and multiplies it with every row of x or dY before decoding the next one, so every
+// value of Ŵ is decoded once per call:
+//   forward   tasks own rows of Ŵ (columns of out). Per chunk of kFusedForwardReduction
+//             columns of x, copied into a buffer (zero-padded to whole vectors), a panel is
+//             kFusedForwardRows rows of Ŵ; dot_tile keeps the dot products of 4 rows of x with
+//             the panel's rows as 8-lane partial sums in registers and adds their horizontal sums
+//             to out
+//   backward  tasks own columns of dx, in whole vectors of 8. Per chunk of
+//             kFusedBackwardColumns columns, copied from dx into a buffer and back, a panel is
+//             kFusedBackwardPanelRows rows of Ŵ; axpy_tile keeps dx[4 rows, 24 columns] in
+//             registers and adds dY[m, n] Ŵ[n, :] over the panel's rows, dY read from a
+//             transposed copy [N, M] shared by the tasks
+// No two tasks write one element. The copies have row strides off powers of two: x, dY and dx
+// rows 4 KiB apart (K = N = 1024) fall in one L1 set, and more than 8 of them (its ways) evicted
+// each other. Buffers: under 40 KiB a thread, and the [N, M] copy of dY.
+// Measured against the per-task tiles (NOTE at the top): ahead up to 16 rows, even at 32.
+constexpr int64_t kFusedMaxRows = 16;
+constexpr int kFusedForwardRows = 3;
+constexpr int64_t kFusedForwardReduction = 256;
+constexpr int64_t kFusedBackwardColumns = 96;
+constexpr int64_t kFusedBackwardPanelRows = 32;
+constexpr int kFusedTileRows = 4;      // rows of x or dY per micro-kernel call
+constexpr int kFusedBackwardVecs = 3;  // vectors of dx columns per micro-kernel call
+constexpr int64_t kFusedPad = 8;       // floats added to the buffers' row strides
+
+using DecodeRun = void (*)(const uint8_t* packed, const float* absmax, const float* code, int block_shift,
+                           int64_t first, int64_t len, float* dst);
+
+bool has_avx2_fma() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return has_avx2() && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
+
+// decode_run_avx2 rounding to dtype.
+DecodeRun avx2_decoder(at::ScalarType dtype) {
+  DecodeRun f = nullptr;
+  dispatch_rounding(dtype, [&]<typename round_t>() { f = &decode_run_avx2<round_t>; });
+  return f;
+}
+
+// n floats, 64-byte aligned, for the calling thread, kept between calls; `slot` tells apart the
+// buffers one thread holds at once.
+template <int slot>
+float* fused_buffer(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n + 16) buffer.resize(n + 16);
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<float*>((address + 63) & ~uintptr_t{63});
+}
+
+// out[m * ldo + j] += Σ_{k < 8 vecs} x[m * ldx + k] w[j * ldw + k] for m < MR, j < NR.
+template <int MR, int NR>
+__attribute__((target("avx2,fma"), always_inline)) inline void dot_tile(const float* x, int64_t ldx, const float* w,
+                                                                        int64_t ldw, int64_t vecs, float* out,
+                                                                        int64_t ldo) {
+  static_assert(NR >= 1 && NR <= 4 && MR >= 1 && MR * NR <= 12);
+  __m256 acc[MR][NR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_setzero_ps();
+  }
+  for (int64_t v = 0; v < vecs; ++v) {
+    __m256 wv[NR];
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_load_ps(w + j * ldw + 8 * v);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_load_ps(x + m * ldx + 8 * v);
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
+    }
+  }
+  const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    // Three hadds put the eight-lane sums of acc[m][0..3] in lanes 0..3 of the two halves.
+    const __m256 s01 = _mm256_hadd_ps(acc[m][0], NR > 1 ? acc[m][1] : zero);
+    const __m256 s23 = _mm256_hadd_ps(NR > 2 ? acc[m][2] : zero, NR > 3 ? acc[m][3] : zero);
+    const __m256 s = _mm256_hadd_ps(s01, s23);
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) out[m * ldo + j] += sums[j];
+  }
+}
+
+template <int NR>
+__attribute__((target("avx2,fma"))) inline void dot_rows(int mr, const float* x, int64_t ldx, const float* w,
+                                                         int64_t ldw, int64_t vecs, float* out, int64_t ldo) {
+  switch (mr) {
+    case 4: return dot_tile<4, NR>(x, ldx, w, ldw, vecs, out, ldo);
+    case 3: return dot_tile<3, NR>(x, ldx, w, ldw, vecs, out, ldo);
+    case 2: return dot_tile<2, NR>(x, ldx, w, ldw, vecs, out, ldo);
+    default: return dot_tile<1, NR>(x, ldx, w, ldw, vecs, out, ldo);
+  }
+}
+
+// out[:, n_begin : n_end] += x Ŵ[n_begin : n_end, :]ᵀ for x [M, K] and out [M, N], contiguous.
+__attribute__((target("avx2,fma"))) void fused_forward_rows(const float* x, int64_t M, const Nf4Raw& w,
+                                                            DecodeRun decode, int64_t n_begin, int64_t n_end,
+                                                            float* out) {
+  const int64_t N = w.rows, K = w.cols;
+  const int64_t chunk = std::min(K, kFusedForwardReduction);
+  const int64_t ldp = (chunk + 7) / 8 * 8, ldx = ldp + kFusedPad;
+  float* panel = fused_buffer<0>(kFusedForwardRows * ldp);
+  float* xs = fused_buffer<1>(M * ldx);
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    const int64_t tk = std::min(chunk, K - k0);
+    const int64_t vecs = (tk + 7) / 8;
+    for (int64_t m = 0; m < M; ++m) {  // zeros past tk in both operands: whole vectors
+      std::copy(x + m * K + k0, x + m * K + k0 + tk, xs + m * ldx);
+      std::fill(xs + m * ldx + tk, xs + m * ldx + 8 * vecs, 0.f);
+    }
+    for (int64_t n = n_begin; n < n_end; n += kFusedForwardRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kFusedForwardRows, n_end - n));
+      for (int j = 0; j < nr; ++j) {
+        float* row = panel + j * ldp;
+        decode(w.packed, w.absmax, w.code, w.block_shift, (n + j) * K + k0, tk, row);
+        std::fill(row + tk, row + 8 * vecs, 0.f);
+      }
+      for (int64_t m = 0; m < M; m += kFusedTileRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kFusedTileRows, M - m));
+        const float* xm = xs + m * ldx;
+        float* om = out + m * N + n;
+        switch (nr) {
+          case 3: dot_rows<3>(mr, xm, ldx, panel, ldp, vecs, om, N); break;
+          case 2: dot_rows<2>(mr, xm, ldx, panel, ldp, vecs, om, N); break;
+          default: dot_rows<1>(mr, xm, ldx, panel, ldp, vecs, om, N); break;
+        }
+      }
+    }
+  }
+}
+
+// d[m * ldd + c] += Σ_{n < rows} g[n * ldg + m] p[n * ldp + c] for m < MR and the 8 NV columns c.
+template <int MR, int NV>
+__attribute__((target("avx2,fma"), always_inline)) inline void axpy_tile(const float* g, int64_t ldg, const float* p,
+                                                                         int64_t ldp, int64_t rows, float* d,
+                                                                         int64_t ldd) {
+  static_assert(NV >= 1 && MR >= 1 && MR * NV <= 12);
+  __m256 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_load_ps(d + m * ldd + 8 * v);
+  }
+  for (int64_t n = 0; n < rows; ++n) {
+    __m256 pv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      pv[v] = _mm256_load_ps(p + n * ldp + 8 * v);
+      // Keeps the row in a register: GCC would otherwise fold the load into every row's FMA,
+      // MR loads of it instead of one.
+      __asm__("" : "+x"(pv[v]));
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const __m256 gm = _mm256_broadcast_ss(g + n * ldg + m);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(gm, pv[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(d + m * ldd + 8 * v, acc[m][v]);
+  }
+}
+
+template <int NV>
+__attribute__((target("avx2,fma"))) inline void axpy_rows(int mr, const float* g, int64_t ldg, const float* p,
+                                                          int64_t ldp, int64_t rows, float* d, int64_t ldd) {
+  switch (mr) {
+    case 4: return axpy_tile<4, NV>(g, ldg, p, ldp, rows, d, ldd);
+    case 3: return axpy_tile<3, NV>(g, ldg, p, ldp, rows, d, ldd);
+    case 2: return axpy_tile<2, NV>(g, ldg, p, ldp, rows, d, ldd);
+    default: return axpy_tile<1, NV>(g, ldg, p, ldp, rows, d, ldd);
+  }
+}
+
+// dx[:, c_begin : c_end] += dY Ŵ[:, c_begin : c_end] for dx [M, K] contiguous and gt = dYᵀ [N, M].
+__attribute__((target("avx2,fma"))) void fused_backward_columns(const float* gt, int64_t M, const Nf4Raw& w,
+                                                                DecodeRun decode, int64_t c_begin, int64_t c_end,
+                                                                float* dx) {
+  const int64_t N = w.rows, K = w.cols;
+  constexpr int64_t ldp = kFusedBackwardColumns, ldd = kFusedBackwardColumns + kFusedPad;
+  float* panel = fused_buffer<0>(kFusedBackwardPanelRows * ldp);
+  float* ds = fused_buffer<1>(M * ldd);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kFusedBackwardColumns) {
+    // Lanes past tc, in the panel and in ds, hold whatever was there: they never reach dx.
+    const int64_t tc = std::min(kFusedBackwardColumns, c_end - c0);
+    const int64_t vecs = (tc + 7) / 8;
+    for (int64_t m = 0; m < M; ++m) std::copy(dx + m * K + c0, dx + m * K + c0 + tc, ds + m * ldd);
+    for (int64_t n0 = 0; n0 < N; n0 += kFusedBackwardPanelRows) {
+      const int64_t tn = std::min(kFusedBackwardPanelRows, N - n0);
+      for (int64_t r = 0; r < tn; ++r) {
+        decode(w.packed, w.absmax, w.code, w.block_shift, (n0 + r) * K + c0, tc, panel + r * ldp);
+      }
+      for (int64_t m = 0; m < M; m += kFusedTileRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kFusedTileRows, M - m));
+        for (int64_t v = 0; v < vecs; v += kFusedBackwardVecs) {
+          const float* g = gt + n0 * M + m;
+          float* d = ds + m * ldd + 8 * v;
+          switch (std::min<int64_t>(kFusedBackwardVecs, vecs - v)) {
+            case 3: axpy_rows<3>(mr, g, M, panel + 8 * v, ldp, tn, d, ldd); break;
+            case 2: axpy_rows<2>(mr, g, M, panel + 8 * v, ldp, tn, d, ldd); break;
+            default: axpy_rows<1>(mr, g, M, panel + 8 * v, ldp, tn, d, ldd); break;
+          }
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) std::copy(ds + m * ldd, ds + m * ldd + tc, dx + m * K + c0);
+  }
+}
+
+// Whether the fused path takes this call: fp32 accumulation, few rows, AVX2 + FMA, contiguous
+// operands.
+template <typename acc_t>
+bool takes_fused_path(int64_t M, const at::Tensor& a, const at::Tensor& b) {
+  return std::is_same_v<acc_t, float> && M <= kFusedMaxRows && has_avx2_fma() && a.is_contiguous() &&
+         b.is_contiguous();
+}
+
+// out [M, N] += x Ŵᵀ by fused_forward_rows, tasks over groups of kFusedForwardRows rows of Ŵ.
+void fused_forward(const at::Tensor& x, const Nf4Weight& weight, at::Tensor& out) {
+  const Nf4Raw w = raw(weight);
+  const DecodeRun decode = avx2_decoder(weight.dtype);
+  const int64_t M = x.size(0), N = w.rows;
+  const int64_t groups = (N + kFusedForwardRows - 1) / kFusedForwardRows;
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for_each_share(groups, std::min<int64_t>(at::get_num_threads(), groups), [&](int64_t, int64_t first, int64_t last) {
+    fused_forward_rows(xp, M, w, decode, first * kFusedForwardRows, std::min(N, last * kFusedForwardRows), op);
+  });
+}
+
+// dx [M, K] += grad_out Ŵ by fused_backward_columns, tasks over vectors of 8 columns of dx.
+void fused_backward(const at::Tensor& grad_out, const Nf4Weight& weight, at::Tensor& dx) {
+  const Nf4Raw w = raw(weight);
+  const DecodeRun decode = avx2_decoder(weight.dtype);
+  const int64_t M = grad_out.size(0), N = w.rows, K = w.cols;
+  const int64_t vecs = (K + 7) / 8;
+  // dYᵀ, so that a row of Ŵ meets the M values it is scaled by in one line.
+  float* gt = fused_buffer<2>(N * M);
+  transpose_into(grad_out.const_data_ptr<float>(), M, N, N, gt);
+  float* dp = dx.data_ptr<float>();
+  for_each_share(vecs, std::min<int64_t>(at::get_num_threads(), vecs), [&](int64_t, int64_t first, int64_t last) {
+    fused_backward_columns(gt, M, w, decode, 8 * first, std::min(K, 8 * last), dp);
+  });
+}
+
 template <typename acc_t>
 void base_forward_impl(const at::Tensor& x, const Nf4Weight& weight, at::Tensor& out) {
   const int64_t M = x.size(0), N = weight.rows, K = weight.cols;
   if (M == 0 || N == 0 || K == 0) return;
+  if (takes_fused_path<acc_t>(M, x, out)) return fused_forward(x, weight, out);
   if (M >= kSharedTileMinRows) {
     for_each_tile<acc_t>(weight, [&](int64_t n0, int64_t tn, int64_t k0, int64_t tk, const at::Tensor& tile) {
       out.narrow(1, n0, tn).addmm_(x.narrow(1, k0, tk), tile.t());
@@ -307,6 +593,7 @@ template <typename acc_t>
 void base_backward_impl(const at::Tensor& grad_out, const Nf4Weight& weight, at::Tensor& dx) {
   const int64_t M = grad_out.size(0), N = weight.rows, K = weight.cols;
   if (M == 0 || N == 0 || K == 0) return;
+  if (takes_fused_path<acc_t>(M, grad_out, dx)) return fused_backward(grad_out, weight, dx);
   if (M >= kSharedTileMinRows) {
     for_each_tile<acc_t>(weight, [&](int64_t n0, int64_t tn, int64_t k0, int64_t tk, const at::Tensor& tile) {
       dx.narrow(1, k0, tk).addmm_(grad_out.narrow(1, n0, tn), tile);

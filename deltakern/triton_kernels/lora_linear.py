@@ -91,7 +91,7 @@ DA_CONFIGS = [
 
 # The interpreter runs each program in numpy, so one small config (the tl.dot minimum of 16 and
 # a few tiles per launch) keeps the tests fast and still exercises multi-tile loops and edges.
-# qlora_linear reuses it and low_rank_tile for its own kernels.
+# The QLoRA kernels reuse it and low_rank_tile.
 INTERPRETER_CONFIG = {
     "gemm": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
     "shrink": {"BLOCK_M": 16, "BLOCK_K": 32},

@@ -1,9 +1,10 @@
 """The C++ CPU kernels of qlora_linear (csrc/cpu/qlora_linear.cpp), called as torch.ops.deltakern.*:
 nf4_dequantize bit for bit against deltakern.nf4.dequantize_nf4; forward and backward against
 lora_linear's own CPU op on the dequantised weight (same dropout mask, so equal to rounding) and
-against the fp64 reference with the tolerances of tests/tolerances.py. Shapes cover both CPU
-paths (fewer than 128 rows: per-task tiles; more: shared tiles), weights of several tiles in each
-direction (N > 256 rows, K > 1024 columns), odd N * K, blocks that span rows, and M = 1."""
+against the fp64 reference with the tolerances of tests/tolerances.py. Shapes cover the three CPU
+paths (at most 16 rows in fp32 / bf16: the fused small-M kernels; fewer than 128: per-task tiles;
+more: shared tiles), weights of several tiles in each direction (N > 256 rows, K > 1024 columns),
+odd N * K, blocks that span rows, and M = 1."""
 
 import math
 
@@ -109,6 +110,69 @@ def test_fp32_matches_lora_linear_on_the_dequantised_weight(shape, bias, dropout
         assert not torch.isnan(got).any(), name
         scale = want.abs().max().item()
         torch.testing.assert_close(got, want, atol=2e-6 * scale, rtol=1e-5, msg=lambda s: f"{name}: {s}")
+
+
+# The fused small-M path (M <= 16 with AVX2 + FMA; fp64 keeps the per-task tiles): M = 1 and the
+# row limit on either side of it (16, 17), M not a multiple of the micro-kernels' 4 rows; K not a
+# multiple of 8 (odd K, odd starts of rows, blocks that span rows: 100, 1000, 33) and K past one
+# forward chunk (256) or backward column chunk (96) with a ragged end (1027); N = 1, 7, 129 (rows
+# of Ŵ left over from the forward's groups of 3) and past one backward panel (32 rows).
+FUSED_SHAPES = [(1, 100, 1, 4), (1, 1000, 7, 8), (1, 1027, 129, 4), (5, 100, 129, 8), (16, 1000, 7, 8),
+                (16, 1027, 130, 4), (13, 33, 1, 2), (17, 100, 65, 4), (3, 8, 3, 1)]
+
+
+@pytest.mark.parametrize("blocksize", [32, 256])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=shape_id)
+def test_fused_small_m_matches_lora_linear_on_the_dequantised_weight(shape, dropout_p, blocksize,
+                                                                     poison_uninitialized):
+    m, k, n, r = shape
+    w = quantized(n, k, blocksize, seed=3)
+    t = {key: v.float() for key, v in make_inputs(m, k, n, r, seed=4).items()}
+    ours = run_ops(w, t, True, dropout_p)
+    dense = w.dequantize(torch.float32)
+    seed = torch.tensor([SEED])
+    out, xa = ops.lora_linear_fwd(t["x"], dense, t["bias"], t["lora_A"], t["lora_B"], SCALING, dropout_p, seed)
+    grads = ops.lora_linear_bwd(t["grad_out"], t["x"], dense, t["lora_A"], t["lora_B"], xa, SCALING, dropout_p, seed)
+    for name, got, want in zip(("out", "xa", "dx", "dA", "dB"), ours, (out, xa, *grads)):
+        assert not torch.isnan(got).any(), name
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=2e-6 * scale, rtol=1e-5, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=shape_id)
+def test_fused_small_m_matches_fp64_reference(shape, dropout_p, dtype, poison_uninitialized):
+    m, k, n, r = shape
+    w = quantized(n, k, 64, seed=5)
+    inputs = make_inputs(m, k, n, r, seed=6)
+    out, xa, *grads = run_ops(w, {key: v.to(dtype) for key, v in inputs.items()}, True, dropout_p)
+    ref_out, ref_grads = run_reference(w, inputs, torch.float64, True, dropout_p)
+    eager_out, eager_grads = (None, (None,) * 3)
+    if dtype == torch.bfloat16:
+        eager_out, eager_grads = run_reference(w, inputs, dtype, True, dropout_p)
+    assert_close(out, ref_out, eager_out, name="out")
+    for name, got, want, eager in zip(("dx", "dA", "dB"), grads, ref_grads, eager_grads):
+        assert_close(got, want, eager, name=name)
+
+
+def test_fused_small_m_accumulates_onto_large_values():
+    """The base GEMMs add onto the LoRA/bias terms already in out and dx (beta = 1): a large bias
+    and LoRA branch must come through unchanged next to the base product."""
+    m, k, n, r = 4, 200, 11, 2
+    w = quantized(n, k, 64, seed=7)
+    t = {key: v.float() for key, v in make_inputs(m, k, n, r, seed=8).items()}
+    t["bias"] = t["bias"] * 1000
+    t["lora_B"] = t["lora_B"] * 100
+    ours = run_ops(w, t, True, 0.0)
+    dense = w.dequantize(torch.float32)
+    seed = torch.tensor([SEED])
+    out, xa = ops.lora_linear_fwd(t["x"], dense, t["bias"], t["lora_A"], t["lora_B"], SCALING, 0.0, seed)
+    grads = ops.lora_linear_bwd(t["grad_out"], t["x"], dense, t["lora_A"], t["lora_B"], xa, SCALING, 0.0, seed)
+    for name, got, want in zip(("out", "xa", "dx", "dA", "dB"), ours, (out, xa, *grads)):
+        torch.testing.assert_close(got, want, atol=2e-6 * want.abs().max().item(), rtol=1e-5,
+                                   msg=lambda s: f"{name}: {s}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
