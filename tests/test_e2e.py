@@ -57,8 +57,9 @@ def test_deltakern_step_matches_the_reference(cases, method):
 def test_check_fails_when_the_models_differ(method):
     case = e2e.E2ECase(SHAPES[method], torch.float32, "cpu")
     providers = case.providers(["cpu"])
-    with torch.no_grad():
-        case.model.model.layers[0].mlp.gate_proj.weight.mul_(1.1)
+    gate = case.model.model.layers[0].mlp.gate_proj
+    with torch.no_grad():  # an NF4 base: its block scales
+        (gate.base_layer.weight_absmax if method == "qlora" else gate.weight).mul_(1.1)
     ok, worst = case.check("deltakern-cpu", providers["deltakern-cpu"])
     assert not ok and worst > 1.0
 
@@ -68,6 +69,11 @@ def test_same_base_and_delta_weights(cases):
         base = case.reference if method in ("adapter", "bitfit") else case.reference.get_base_model()
         reference = {name: p for name, p in base.named_parameters() if not p.requires_grad}
         ours = {name: p for name, p in case.model.named_parameters() if not p.requires_grad}
+        if method == "qlora":  # deltakern's NF4 codes are buffers, bitsandbytes' are Params4bit
+            ours.update((name, b) for name, b in case.model.named_buffers() if name.endswith("base_layer.weight"))
+            for name, packed in ours.items():
+                if packed.dtype == torch.uint8:
+                    assert torch.equal(packed, reference[name].reshape(-1)), name
         assert len(ours) == len(reference) > 0, method
         ours_total = sum(p.numel() for p in ours.values())
         assert ours_total == sum(p.numel() for p in reference.values()), method
