@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -24,18 +25,29 @@ struct LoraDropoutKernels {
                            int64_t seed, at::Tensor& dx, at::Tensor& d_lora_A);
 };
 
+// The base GEMMs of the decomposition, each adding onto its output (beta = 1): forward
+// out [M, N] += x [M, K] Wᵀ, backward dx [M, K] += grad_out [M, N] W. dense_base_gemms multiplies
+// a dense weight through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA); the QLoRA op passes GEMMs
+// that dequantise its 4-bit weight tile by tile.
+struct LoraBaseGemms {
+  std::function<void(const at::Tensor& x, at::Tensor& out)> forward;
+  std::function<void(const at::Tensor& grad_out, at::Tensor& dx)> backward;
+};
+LoraBaseGemms dense_base_gemms(const at::Tensor& weight);
+
 // The decomposition. Forward: out [M, N] = x Wᵀ + b + s · xa Bᵀ with xa [M, R] = drop(x) Aᵀ;
 // returns (out, xa). Backward: returns (dx [M, K], dA [R, K], dB [N, R]) for grad_out [M, N].
-// x [M, K], weight [N, K], bias [N] or none, lora_A [R, K], lora_B [N, R]; seed is a one-element
-// int64 CPU tensor.
-std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_gemms(const at::Tensor& x, const at::Tensor& weight,
+// x [M, K], bias [N] or none, lora_A [R, K], lora_B [N, R], all of one dtype; seed is a
+// one-element int64 CPU tensor; W is what `base` multiplies.
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_gemms(const at::Tensor& x, int64_t out_features,
                                                          const std::optional<at::Tensor>& bias,
                                                          const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                          double scaling, double dropout_p, const at::Tensor& seed,
+                                                         const LoraBaseGemms& base,
                                                          const LoraDropoutKernels& dropout);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_gemms(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed,
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed, const LoraBaseGemms& base,
     const LoraDropoutKernels& dropout);
 
 // The op's kernels, the decomposition with the device's dropout kernels.

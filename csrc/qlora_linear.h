@@ -71,12 +71,6 @@ inline Nf4Weight check_nf4_weight(const at::Tensor& packed, const at::Tensor& ab
 
 namespace detail {
 
-inline int64_t read_qlora_seed(const at::Tensor& seed) {
-  TORCH_CHECK(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() == 1, kQloraOp,
-              ": seed must be a one-element int64 CPU tensor");
-  return seed.item<int64_t>();
-}
-
 inline void check_qlora_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, kQloraOp, ": ", name, " must be 2-D, got ", t.dim(), "-D");
 }
@@ -103,82 +97,56 @@ inline void check_qlora_shapes(const at::Tensor& x, int64_t out_features, const 
 
 inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
 
-}  // namespace detail
-
-// Forward: returns (out [M, N], xa [M, R]) with xa = drop(x) Aᵀ, as lora_linear_fwd_gemms.
-inline std::tuple<at::Tensor, at::Tensor> qlora_linear_fwd_gemms(
-    const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-    int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A_in,
-    const at::Tensor& lora_B_in, double scaling, double dropout_p, const at::Tensor& seed_tensor,
-    const QloraBaseKernels& base, const LoraDropoutKernels& dropout) {
-  detail::check_qlora_shapes(x_in, out_features, lora_A_in, lora_B_in, bias);
-  const Nf4Weight w = check_nf4_weight(packed, absmax, code, blocksize, out_features, x_in.size(1),
-                                       x_in.scalar_type(), x_in.device());
-  const int64_t seed = detail::read_qlora_seed(seed_tensor);
-  const at::ScalarType acc = base.accumulate(x_in.scalar_type());
-  const at::Tensor x = detail::to_acc(x_in, acc);
-  const at::Tensor lora_A = detail::to_acc(lora_A_in, acc);
-  const at::Tensor lora_B = detail::to_acc(lora_B_in, acc);
-  at::Tensor xa;
-  if (dropout_p > 0.0) {
-    // The mask depends on (seed, element index, dropout_p) only, so the kernels of the
-    // accumulation dtype draw lora_linear's mask.
-    xa = at::empty({x.size(0), lora_A.size(0)}, x.options());
-    dropout.shrink(x, lora_A, dropout_p, seed, xa);
-  } else {
-    xa = at::mm(x, lora_A.t());
-  }
-  // b + s · xa Bᵀ first, then the base GEMM tiles accumulate onto it (as lora_linear).
-  at::Tensor out;
-  if (bias.has_value()) {
-    out = at::addmm(bias->to(acc), xa, lora_B.t(), /*beta=*/1.0, /*alpha=*/scaling);
-  } else {
-    out = at::empty({x.size(0), out_features}, x.options());
-    out.addmm_(xa, lora_B.t(), /*beta=*/0.0, /*alpha=*/scaling);
-  }
-  base.forward(x, w, out);
-  return {out.to(x_in.scalar_type()), xa.to(x_in.scalar_type())};
+// lora_linear's base GEMMs as the device's kernels over the NF4 weight w.
+inline LoraBaseGemms nf4_base_gemms(const QloraBaseKernels& base, const Nf4Weight& w) {
+  return {[&base, w](const at::Tensor& x, at::Tensor& out) { base.forward(x, w, out); },
+          [&base, w](const at::Tensor& grad_out, at::Tensor& dx) { base.backward(grad_out, w, dx); }};
 }
 
-// Backward: returns (dx [M, K], dA [R, K], dB [N, R]), as lora_linear_bwd_gemms without the
-// weight's gradient.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_linear_bwd_gemms(
-    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
-    const at::Tensor& code, int64_t blocksize, const at::Tensor& lora_A_in, const at::Tensor& lora_B_in,
-    const at::Tensor& xa_in, double scaling, double dropout_p, const at::Tensor& seed_tensor,
+}  // namespace detail
+
+// Forward: returns (out [M, N], xa [M, R]) with xa = drop(x) Aᵀ: lora_linear's decomposition in
+// the accumulation dtype, with the NF4 base GEMMs. The dropout mask depends on (seed, element
+// index, dropout_p) only, so the kernels of the accumulation dtype draw lora_linear's mask.
+inline std::tuple<at::Tensor, at::Tensor> qlora_linear_fwd_gemms(
+    const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+    int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, double scaling, double dropout_p, const at::Tensor& seed,
     const QloraBaseKernels& base, const LoraDropoutKernels& dropout) {
-  detail::check_qlora_2d(grad_out_in, "grad_out");
-  detail::check_qlora_shapes(x_in, grad_out_in.size(1), lora_A_in, lora_B_in, std::nullopt);
-  TORCH_CHECK(grad_out_in.size(0) == x_in.size(0) && grad_out_in.scalar_type() == x_in.scalar_type(), kQloraOp,
-              ": grad_out must be [M=", x_in.size(0), ", out] in x's dtype, got ", grad_out_in.scalar_type(), " ",
-              grad_out_in.sizes());
-  TORCH_CHECK(xa_in.dim() == 2 && xa_in.size(0) == x_in.size(0) && xa_in.size(1) == lora_A_in.size(0), kQloraOp,
-              ": xa must be [M, r] = [", x_in.size(0), ", ", lora_A_in.size(0), "], got ", xa_in.sizes());
-  const Nf4Weight w = check_nf4_weight(packed, absmax, code, blocksize, grad_out_in.size(1), x_in.size(1),
+  detail::check_qlora_shapes(x_in, out_features, lora_A, lora_B, bias);
+  const Nf4Weight w = check_nf4_weight(packed, absmax, code, blocksize, out_features, x_in.size(1),
                                        x_in.scalar_type(), x_in.device());
-  const int64_t seed = detail::read_qlora_seed(seed_tensor);
-  const at::ScalarType acc = base.accumulate(x_in.scalar_type());
-  const at::Tensor grad_out = detail::to_acc(grad_out_in, acc);
-  const at::Tensor x = detail::to_acc(x_in, acc);
-  const at::Tensor lora_A = detail::to_acc(lora_A_in, acc);
-  const at::Tensor lora_B = detail::to_acc(lora_B_in, acc);
-  const at::Tensor xa = detail::to_acc(xa_in, acc);
-  at::Tensor dxa = at::mm(grad_out, lora_B);
-  dxa.mul_(scaling);
-  // dB as (xaᵀ dY)ᵀ, the orientation lora_linear measured faster on MKL.
-  at::Tensor dB = at::mm(xa.t(), grad_out).mul_(scaling).t().contiguous();
-  at::Tensor dx;
-  at::Tensor dA;
-  if (dropout_p > 0.0) {
-    dx = at::empty_like(x);
-    dA = at::empty(lora_A.sizes(), lora_A.options());
-    dropout.lowrank_backward(x, dxa, lora_A, dropout_p, seed, dx, dA);
-  } else {
-    dA = at::mm(dxa.t(), x);
-    dx = at::mm(dxa, lora_A);
-  }
-  base.backward(grad_out, w, dx);
   const at::ScalarType dtype = x_in.scalar_type();
+  const at::ScalarType acc = base.accumulate(dtype);
+  const std::optional<at::Tensor> bias_acc =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(acc)) : std::nullopt;
+  auto [out, xa] = lora_linear_fwd_gemms(detail::to_acc(x_in, acc), out_features, bias_acc,
+                                         detail::to_acc(lora_A, acc), detail::to_acc(lora_B, acc), scaling,
+                                         dropout_p, seed, detail::nf4_base_gemms(base, w), dropout);
+  return {out.to(dtype), xa.to(dtype)};
+}
+
+// Backward: returns (dx [M, K], dA [R, K], dB [N, R]), lora_linear's without the weight's gradient.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_linear_bwd_gemms(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& absmax,
+    const at::Tensor& code, int64_t blocksize, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed,
+    const QloraBaseKernels& base, const LoraDropoutKernels& dropout) {
+  detail::check_qlora_2d(grad_out, "grad_out");
+  detail::check_qlora_shapes(x_in, grad_out.size(1), lora_A, lora_B, std::nullopt);
+  TORCH_CHECK(grad_out.size(0) == x_in.size(0) && grad_out.scalar_type() == x_in.scalar_type(), kQloraOp,
+              ": grad_out must be [M=", x_in.size(0), ", out] in x's dtype, got ", grad_out.scalar_type(), " ",
+              grad_out.sizes());
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == x_in.size(0) && xa.size(1) == lora_A.size(0), kQloraOp,
+              ": xa must be [M, r] = [", x_in.size(0), ", ", lora_A.size(0), "], got ", xa.sizes());
+  const Nf4Weight w = check_nf4_weight(packed, absmax, code, blocksize, grad_out.size(1), x_in.size(1),
+                                       x_in.scalar_type(), x_in.device());
+  const at::ScalarType dtype = x_in.scalar_type();
+  const at::ScalarType acc = base.accumulate(dtype);
+  auto [dx, dA, dB] = lora_linear_bwd_gemms(
+      detail::to_acc(grad_out, acc), detail::to_acc(x_in, acc), detail::to_acc(lora_A, acc),
+      detail::to_acc(lora_B, acc), detail::to_acc(xa, acc), scaling, dropout_p, seed,
+      detail::nf4_base_gemms(base, w), dropout);
   return {dx.to(dtype), dA.to(dtype), dB.to(dtype)};
 }
 

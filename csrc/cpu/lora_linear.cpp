@@ -136,13 +136,15 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, cons
                                                        const std::optional<at::Tensor>& bias,
                                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                        double scaling, double dropout_p, const at::Tensor& seed) {
-  return lora_linear_fwd_gemms(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kDropout);
+  return lora_linear_fwd_gemms(x, weight.size(0), bias, lora_A, lora_B, scaling, dropout_p, seed,
+                               dense_base_gemms(weight), kDropout);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed) {
-  return lora_linear_bwd_gemms(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, kDropout);
+  return lora_linear_bwd_gemms(grad_out, x, lora_A, lora_B, xa, scaling, dropout_p, seed, dense_base_gemms(weight),
+                               kDropout);
 }
 
 const LoraDropoutKernels& lora_dropout_kernels_cpu() { return kDropout; }
