@@ -344,6 +344,51 @@ AOT = AotSpec(
 # --------------------------------------------------------------------------------------------
 
 
+def lora_shrink(x, lora_A, dropout_p: float, seed: int):
+    """Kernel 1: ``xa = drop(x) A^T`` ``[M, R]`` in x's dtype, for contiguous x ``[M, K]`` and
+    lora_A ``[R, K]``; drop keeps element (m, k) by Philox(seed) and scales by 1/(1-dropout_p).
+    Shared with qlora_linear, whose low-rank branch is this op's."""
+    M, K = x.shape
+    R = lora_A.shape[0]
+    xa = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    launch(
+        lora_shrink_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+        x, lora_A, xa, M, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
+        interpreter_config=INTERPRETER_CONFIG["shrink"],
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=dot_precision(x.dtype),
+    )
+    return xa
+
+
+def lora_low_rank_backward(grad_out, x, lora_B, xa, scaling: float, dropout_p: float, seed: int):
+    """Kernels 3 and 4 on contiguous tensors: ``dxa = s * dY B`` ``[M, R]`` in x's dtype, and
+    ``dA = dxa^T drop(x)`` ``[R, K]`` and ``dB = s * dY^T xa`` ``[N, R]`` accumulated in fp32.
+    Returns (dxa, dA, dB); dx's GEMM is the caller's. Shared with qlora_linear."""
+    M, K = x.shape
+    N, R = grad_out.shape[1], xa.shape[1]
+    precision = dot_precision(x.dtype)
+    # dxa is kept in x's dtype, as eager PyTorch rounds it: it feeds the 16-bit tensor-core dots
+    # of the dA and dx kernels.
+    dxa = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    # dA and dB are sums over M split across CTAs: accumulated in fp32, cast at the end.
+    db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
+    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    launch(
+        lora_dy_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+        grad_out, lora_B, xa, dxa, db, M, N, R, scaling,
+        interpreter_config=INTERPRETER_CONFIG["dy"],
+        BLOCK_R=block_r(R), DOT_PRECISION=precision,
+    )
+    launch(
+        lora_da_kernel,
+        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"] * meta["M_TILES"])),
+        dxa, x, da, M, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
+        interpreter_config=INTERPRETER_CONFIG["da"],
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,
+    )
+    return dxa, da, db
+
+
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """Forward of lora_linear.
 
@@ -358,20 +403,13 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
         bias = bias.contiguous()
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    xa = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    xa = lora_shrink(x, lora_A, dropout_p, seed)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    precision = dot_precision(x.dtype)
-    launch(
-        lora_shrink_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-        x, lora_A, xa, M, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
-        interpreter_config=INTERPRETER_CONFIG["shrink"],
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,
-    )
     launch(
         lora_fwd_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
         x, weight, bias, xa, lora_B, out, M, N, K, R, scaling,
         interpreter_config=INTERPRETER_CONFIG["gemm"],
-        HAS_BIAS=bias is not None, BLOCK_R=block_r(R), DOT_PRECISION=precision,
+        HAS_BIAS=bias is not None, BLOCK_R=block_r(R), DOT_PRECISION=dot_precision(x.dtype),
     )
     return out, xa
 
@@ -388,35 +426,14 @@ def lora_linear_bwd(grad_out, x, weight, lora_A, lora_B, xa, scaling: float, dro
     lora_A, lora_B, xa = lora_A.contiguous(), lora_B.contiguous(), xa.contiguous()
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    seed = philox_seed(seed)
     has_dropout = dropout_p > 0.0
-    keep_scale = 1.0 / (1.0 - dropout_p)
-    precision = dot_precision(x.dtype)
-    # dxa is kept in x's dtype, as eager PyTorch rounds it: it feeds the 16-bit tensor-core dots
-    # of the dA and dx kernels.
-    dxa = torch.empty((M, R), dtype=x.dtype, device=x.device)
-    # dA and dB are sums over M split across CTAs: accumulated in fp32, cast at the end.
-    db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
-    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    dxa, da, db = lora_low_rank_backward(grad_out, x, lora_B, xa, scaling, dropout_p, seed)
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-    launch(
-        lora_dy_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-        grad_out, lora_B, xa, dxa, db, M, N, R, scaling,
-        interpreter_config=INTERPRETER_CONFIG["dy"],
-        BLOCK_R=block_r(R), DOT_PRECISION=precision,
-    )
-    launch(
-        lora_da_kernel,
-        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"] * meta["M_TILES"])),
-        dxa, x, da, M, K, R, seed, dropout_p, keep_scale,
-        interpreter_config=INTERPRETER_CONFIG["da"],
-        HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
-    )
     launch(
         lora_dx_dropout_kernel if has_dropout else lora_dx_kernel,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
-        grad_out, weight, dxa, lora_A, dx, M, N, K, R, seed, dropout_p, keep_scale,
+        grad_out, weight, dxa, lora_A, dx, M, N, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
         interpreter_config=INTERPRETER_CONFIG["gemm"],
-        HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
+        HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=dot_precision(x.dtype),
     )
     return dx, da.to(x.dtype), db.to(x.dtype)

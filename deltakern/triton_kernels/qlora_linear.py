@@ -35,10 +35,9 @@ from deltakern.triton_kernels.common import AotSpec, block_r, dot_precision, gro
 from deltakern.triton_kernels.lora_linear import (
     INTERPRETER_CONFIG,
     RANKS,
+    lora_low_rank_backward,
+    lora_shrink,
     low_rank_tile,
-    lora_da_kernel,
-    lora_dy_kernel,
-    lora_shrink_kernel,
 )
 from deltakern.triton_kernels.rng import dropout_keep, philox_seed
 
@@ -284,15 +283,9 @@ def qlora_linear_fwd(x, packed, absmax, code, blocksize: int, out_features: int,
     M, K = x.shape
     N, R = int(out_features), lora_A.shape[0]
     _check_nf4(packed, absmax, code, N * K, blocksize)
-    xa = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    xa = lora_shrink(x, lora_A, dropout_p, seed)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     precision = dot_precision(x.dtype)
-    launch(
-        lora_shrink_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-        x, lora_A, xa, M, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
-        interpreter_config=INTERPRETER_CONFIG["shrink"],
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,
-    )
     even_k = K % 2 == 0
     launch(
         qlora_fwd_kernel if even_k else qlora_fwd_odd_k_kernel,
@@ -320,28 +313,9 @@ def qlora_linear_bwd(grad_out, x, packed, absmax, code, blocksize: int, lora_A, 
     M, K = x.shape
     N, R = grad_out.shape[1], lora_A.shape[0]
     _check_nf4(packed, absmax, code, N * K, blocksize)
-    seed = philox_seed(seed)
     has_dropout = dropout_p > 0.0
-    keep_scale = 1.0 / (1.0 - dropout_p)
-    precision = dot_precision(x.dtype)
-    # As in lora_linear_bwd: dxa in x's dtype (it feeds 16-bit dots), dA and dB in fp32.
-    dxa = torch.empty((M, R), dtype=x.dtype, device=x.device)
-    db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
-    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    dxa, da, db = lora_low_rank_backward(grad_out, x, lora_B, xa, scaling, dropout_p, seed)
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-    launch(
-        lora_dy_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
-        grad_out, lora_B, xa, dxa, db, M, N, R, scaling,
-        interpreter_config=INTERPRETER_CONFIG["dy"],
-        BLOCK_R=block_r(R), DOT_PRECISION=precision,
-    )
-    launch(
-        lora_da_kernel,
-        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"] * meta["M_TILES"])),
-        dxa, x, da, M, K, R, seed, dropout_p, keep_scale,
-        interpreter_config=INTERPRETER_CONFIG["da"],
-        HAS_DROPOUT=has_dropout, BLOCK_R=block_r(R), DOT_PRECISION=precision,
-    )
     even_k = K % 2 == 0
     if has_dropout:
         dx_kernel = qlora_dx_dropout_kernel if even_k else qlora_dx_dropout_odd_k_kernel
@@ -350,9 +324,9 @@ def qlora_linear_bwd(grad_out, x, packed, absmax, code, blocksize: int, lora_A, 
     launch(
         dx_kernel,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
-        grad_out, packed, absmax, code, dxa, lora_A, dx, M, N, K, R, _blocksize_log2(blocksize), seed, dropout_p,
-        keep_scale,
+        grad_out, packed, absmax, code, dxa, lora_A, dx, M, N, K, R, _blocksize_log2(blocksize), philox_seed(seed),
+        dropout_p, 1.0 / (1.0 - dropout_p),
         interpreter_config=INTERPRETER_CONFIG["gemm"],
-        HAS_DROPOUT=has_dropout, EVEN_K=even_k, BLOCK_R=block_r(R), DOT_PRECISION=precision,
+        HAS_DROPOUT=has_dropout, EVEN_K=even_k, BLOCK_R=block_r(R), DOT_PRECISION=dot_precision(x.dtype),
     )
     return dx, da.to(x.dtype), db.to(x.dtype)
