@@ -70,6 +70,29 @@ def check_seed(op: str, seed) -> int:
     return seed
 
 
+def seed_tensor(seed: int | None, dropout_p: float) -> torch.Tensor:
+    """The dropout seed as the 0-d int64 CPU tensor the custom ops take: ``seed`` itself, or one
+    drawn from torch's default generator; without dropout the seed is unused, and torch's
+    generator is left untouched, as PEFT leaves it."""
+    if seed is not None:
+        return torch.tensor(seed, dtype=torch.int64)
+    return draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+
+
+def check_low_rank_factors(op: str, in_features: int, out_features: int, bias, lora_A: torch.Tensor,
+                           lora_B: torch.Tensor) -> None:
+    """A LoRA layer's shapes: lora_A ``[r >= 1, in]``, lora_B ``[out, r]``, bias ``[out]`` or None."""
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"deltakern.{op}: lora_A must be [r, in={in_features}], got {tuple(lora_A.shape)}")
+    if r == 0:
+        raise ValueError(f"deltakern.{op}: lora_A has rank r=0; r must be at least 1")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"deltakern.{op}: lora_B must be [out={out_features}, r={r}], got {tuple(lora_B.shape)}")
+    if bias is not None and bias.shape[0] != out_features:
+        raise ValueError(f"deltakern.{op}: bias must be [out={out_features}], got {tuple(bias.shape)}")
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t [..., n]`` as ``[rows, n]`` (a view where the layout allows); not ``reshape(-1, n)``,
     which is ambiguous when n = 0."""

@@ -21,10 +21,12 @@ from ._common import (
     check_finite,
     check_probability,
     check_same,
+    check_low_rank_factors,
     check_seed,
     check_tensor,
     draw_seed,
     register_backends,
+    seed_tensor,
 )
 
 _OP = "qlora_linear"
@@ -144,17 +146,9 @@ def _check_inputs(x, weight: NF4Weight, bias, lora_A, lora_B) -> None:
     if weight.device != x.device:
         raise ValueError(f"deltakern.{_OP}: the NF4 weight is on {weight.device}, expected {x.device} like x")
     out_features, in_features = weight.shape
-    r = lora_A.shape[0]
     if x.shape[-1] != in_features:
         raise ValueError(f"deltakern.{_OP}: x has {x.shape[-1]} input features, weight [out, in] expects in={in_features}")
-    if lora_A.shape[1] != in_features:
-        raise ValueError(f"deltakern.{_OP}: lora_A must be [r, in={in_features}], got {tuple(lora_A.shape)}")
-    if r == 0:
-        raise ValueError(f"deltakern.{_OP}: lora_A has rank r=0; r must be at least 1")
-    if tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"deltakern.{_OP}: lora_B must be [out={out_features}, r={r}], got {tuple(lora_B.shape)}")
-    if bias is not None and bias.shape[0] != out_features:
-        raise ValueError(f"deltakern.{_OP}: bias must be [out={out_features}], got {tuple(bias.shape)}")
+    check_low_rank_factors(_OP, in_features, out_features, bias, lora_A, lora_B)
 
 
 def qlora_linear(
@@ -201,10 +195,7 @@ def qlora_linear(
         if seed is None:
             seed = int(draw_seed()) if dropout_p > 0.0 else 0
         return reference.qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    if seed is not None:
-        seed_tensor = torch.tensor(seed, dtype=torch.int64)
-    else:  # without dropout the seed is unused: leave torch's generator untouched, as PEFT does
-        seed_tensor = draw_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
     out2d, _ = _FWD_OPS[backend](as_rows(x), weight.packed, weight.absmax_fp32(), _code_on(x.device), weight.blocksize,
-                                 out_features, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor)
+                                 out_features, bias, lora_A, lora_B, scaling, dropout_p,
+                                 seed_tensor(seed, dropout_p))
     return out2d.reshape(*x.shape[:-1], out_features)

@@ -347,7 +347,7 @@ AOT = AotSpec(
 def lora_shrink(x, lora_A, dropout_p: float, seed: int):
     """Kernel 1: ``xa = drop(x) A^T`` ``[M, R]`` in x's dtype, for contiguous x ``[M, K]`` and
     lora_A ``[R, K]``; drop keeps element (m, k) by Philox(seed) and scales by 1/(1-dropout_p).
-    Shared with qlora_linear, whose low-rank branch is this op's."""
+    Shared with the QLoRA op, whose low-rank branch is this op's."""
     M, K = x.shape
     R = lora_A.shape[0]
     xa = torch.empty((M, R), dtype=x.dtype, device=x.device)
@@ -363,7 +363,7 @@ def lora_shrink(x, lora_A, dropout_p: float, seed: int):
 def lora_low_rank_backward(grad_out, x, lora_B, xa, scaling: float, dropout_p: float, seed: int):
     """Kernels 3 and 4 on contiguous tensors: ``dxa = s * dY B`` ``[M, R]`` in x's dtype, and
     ``dA = dxa^T drop(x)`` ``[R, K]`` and ``dB = s * dY^T xa`` ``[N, R]`` accumulated in fp32.
-    Returns (dxa, dA, dB); dx's GEMM is the caller's. Shared with qlora_linear."""
+    Returns (dxa, dA, dB); dx's GEMM is the caller's. Shared with the QLoRA op."""
     M, K = x.shape
     N, R = grad_out.shape[1], xa.shape[1]
     precision = dot_precision(x.dtype)
