@@ -50,7 +50,7 @@ class LoRALinear(WrappedLinear):
         self.alpha = alpha
         self.dropout_p = float(dropout_p)
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        dtype = base.compute_dtype if isinstance(base, NF4Linear) else base.weight.dtype
+        dtype = base.compute_dtype if self.nf4_base else base.weight.dtype
         factory = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -65,7 +65,7 @@ class LoRALinear(WrappedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout_p if self.training else 0.0
-        if isinstance(self.base_layer, NF4Linear):
+        if self.nf4_base:
             return qlora_linear(x, self.base_layer.nf4_weight(), self.base_layer.bias, self.lora_A, self.lora_B,
                                 self.scaling, p)
         weight = self.base_layer.weight.t() if self.fan_in_fan_out else self.base_layer.weight
@@ -81,7 +81,7 @@ class LoRALinear(WrappedLinear):
         precision."""
         delta = self.scaling * (self.lora_B @ self.lora_A)
         base = self.base_layer
-        if isinstance(base, NF4Linear):
+        if self.nf4_base:
             merged = base.dequantized(torch.float32) + delta.detach().float()
             weight = quantize_nf4(merged.to(base.compute_dtype), base.blocksize, base.nested)
             return NF4Linear(weight, base.bias).to(base.weight.device)

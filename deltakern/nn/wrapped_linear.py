@@ -27,7 +27,7 @@ class WrappedLinear(DeltaModule):
     as ``base_layer``; ``fan_in_fan_out`` is True for a ``Conv1D`` (PEFT's name for that layout).
 
     ``owner`` names the subclass in the error raised for any other base; ``nf4`` also admits an
-    ``NF4Linear`` (a 4-bit base, for the subclasses that run it). A subclass's
+    ``NF4Linear`` (a 4-bit base, for the subclasses that run it; ``nf4_base`` says which). A subclass's
     ``delta_parameters`` are its own, never the base layer's.
     """
 
@@ -36,21 +36,21 @@ class WrappedLinear(DeltaModule):
         from .nf4_linear import NF4Linear
 
         self.fan_in_fan_out = is_conv1d(base)
-        allowed = isinstance(base, nn.Linear) or self.fan_in_fan_out or (nf4 and isinstance(base, NF4Linear))
-        if not allowed:
+        self.nf4_base = nf4 and isinstance(base, NF4Linear)
+        if not (isinstance(base, nn.Linear) or self.fan_in_fan_out or self.nf4_base):
             kinds = "an nn.Linear, transformers' Conv1D" + (" or an NF4Linear" if nf4 else "")
             raise ValueError(f"{owner}: base must be {kinds}, got {type(base).__name__}")
         self.base_layer = base
 
     @property
     def in_features(self) -> int:
-        if not isinstance(self.base_layer.weight, nn.Parameter):  # NF4Linear: packed codes
+        if self.nf4_base:  # its weight holds packed codes
             return self.base_layer.in_features
         return self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1]
 
     @property
     def out_features(self) -> int:
-        if not isinstance(self.base_layer.weight, nn.Parameter):
+        if self.nf4_base:
             return self.base_layer.out_features
         return self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0]
 
