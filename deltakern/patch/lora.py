@@ -99,7 +99,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     An NF4 (QLoRA) base is dequantised, merged and quantised to NF4 again (as PEFT merges into
     bitsandbytes' 4-bit layers): the merged layer stays 4-bit and differs from the LoRA layer by
-    that second rounding, at most one NF4 step of its block per weight.
+    that second rounding, at most half an NF4 step of its block's scale per weight.
 
     Raises:
         ValueError: the model has no ``LoRALinear``.
@@ -296,15 +296,20 @@ register_method(MethodSpec(
 
 
 # QLoRA's end-to-end step: the same LoRA over NF4 base weights (block size 64, every linear layer
-# but the output layer; absmax kept in fp32 on both sides, as nested codes could differ, nf4.py). PEFT's side is what QLoRA users run: bitsandbytes'
-# Linear4bit layers (quantised from the same dense weights, so the bytes are deltakern's) under
-# get_peft_model; QLoRA's checkpoint is LoRA's (PEFT's format, the base stays the user's).
+# but the output layer; absmax kept in fp32 on both sides, as nested codes could differ, nf4.py).
+# PEFT's side is what QLoRA users run: bitsandbytes' Linear4bit layers (quantised from the same
+# dense weights, so the bytes are deltakern's) under get_peft_model. QLoRA's checkpoint is LoRA's
+# (PEFT's format, the base stays the user's).
 
 
 def _e2e_qlora_reference(base: nn.Module) -> nn.Module:
     """``base`` with its targeted linear layers as bitsandbytes NF4 ``Linear4bit`` (compute dtype
     the model's), marked as loaded in 4 bits, under PEFT's LoRA as in :func:`_e2e_reference`."""
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ValueError("the QLoRA end-to-end step compares against bitsandbytes' Linear4bit: "
+                         "pip install 'deltakern[bench]' (or bitsandbytes)") from error
 
     for name in resolve_targets(base, ALL_LINEAR, None, "deltakern.bench", strict=True):
         dense = base.get_submodule(name)
