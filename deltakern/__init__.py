@@ -2,7 +2,7 @@
 
 from . import nf4, nn, prompts
 from .backend import BACKENDS, BackendUnavailableError, use_backend
-from .ops import adapter, ia3_linear, lora_linear, prefix_attention, qlora_linear
+from .ops import adapter, dora_linear, ia3_linear, lora_linear, prefix_attention, qlora_linear
 from .patch import (
     PatchReport,
     TrainableParameters,
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "PatchReport", "TrainableParameters", "adapter", "add_adapters",
-    "add_bitfit", "add_ia3", "ia3_linear", "prompts",
+    "add_bitfit", "add_ia3", "dora_linear", "ia3_linear", "prompts",
     "add_lora", "add_prefix", "add_prompt", "fold_prompt_encoder", "load", "lora_linear", "merge_lora", "nn",
     "nf4", "patch", "prefix_attention", "qlora_linear", "quantize", "save",
     "trainable_parameters", "unpatch", "use_backend", "__version__",

@@ -8,5 +8,6 @@ from .prefix_attention import prefix_attention
 from .adapter import adapter  # noqa: I001
 from .ia3_linear import ia3_linear
 from .qlora_linear import qlora_linear
+from .dora_linear import dora_linear
 
-__all__ = ["adapter", "ia3_linear", "lora_linear", "prefix_attention", "qlora_linear"]
+__all__ = ["adapter", "dora_linear", "ia3_linear", "lora_linear", "prefix_attention", "qlora_linear"]
