@@ -65,9 +65,9 @@ def op_problems(spec: OpSpec) -> list[str]:
 
 
 def test_the_registry_lists_every_op_and_method():
-    assert list(ops()) == ["lora_linear", "prefix_attention", "adapter", "ia3_linear", "qlora_linear"]
-    assert [spec.cli_name for spec in ops().values()] == ["lora", "prefix", "adapter", "ia3", "qlora"]
-    assert list(methods()) == ["lora", "qlora", "prefix", "adapter", "prompt", "ptuning", "bitfit", "ia3"]
+    assert list(ops()) == ["lora_linear", "prefix_attention", "adapter", "ia3_linear", "qlora_linear", "dora_linear"]
+    assert [spec.cli_name for spec in ops().values()] == ["lora", "prefix", "adapter", "ia3", "qlora", "dora"]
+    assert list(methods()) == ["lora", "qlora", "dora", "prefix", "adapter", "prompt", "ptuning", "bitfit", "ia3"]
 
 
 @pytest.mark.parametrize("name", list(ops()))
@@ -120,7 +120,10 @@ def test_registering_twice_raises():
 # Files that may name every op: the package faces.
 FACES = ("__init__.py", "bindings.cpp")
 # An op's own files: those whose path names its method (nn/lora.py, patch/ia3.py, ...) or the op.
-OWN = {"lora_linear": "lora", "prefix_attention": "prefix", "ia3_linear": "ia3", "qlora_linear": "qlora"}
+# The LoRA variants (QLoRA, DoRA) are built on lora_linear's decomposition and kernels: their
+# files are lora_linear's family.
+OWN = {"lora_linear": ("lora", "dora"), "prefix_attention": ("prefix",), "ia3_linear": ("ia3",),
+       "qlora_linear": ("qlora",), "dora_linear": ("dora",)}
 
 
 def files_naming(name: str) -> list[str]:
@@ -129,7 +132,7 @@ def files_naming(name: str) -> list[str]:
     found = []
     for path in sorted([*ROOT.joinpath("deltakern").rglob("*.py"), *ROOT.joinpath("csrc").rglob("*.*")]):
         relative = path.relative_to(ROOT).as_posix()
-        if path.name in FACES or OWN[name] in relative or path.suffix not in (".py", ".cpp", ".h", ".cu", ".cuh"):
+        if path.name in FACES or any(key in relative for key in OWN[name]) or path.suffix not in (".py", ".cpp", ".h", ".cu", ".cuh"):
             continue
         if pattern.search(path.read_text(errors="replace")):
             found.append(relative)
