@@ -131,7 +131,7 @@ def test_bench_shapes_file_replaces_the_shapes_of_the_ops_it_names(tmp_path, cap
 @pytest.mark.parametrize("data, message", [
     ("{not json", "not valid JSON"),
     ([1, 2], "expected a JSON object mapping ops"),
-    ({"lora2": [{}]}, "unknown op 'lora2'; expected one of lora, prefix, adapter, ia3, qlora, e2e"),
+    ({"lora2": [{}]}, "unknown op 'lora2'; expected one of lora, prefix, adapter, ia3, qlora, dora, e2e"),
     ({"lora": {}}, "'lora' must be a non-empty list of objects"),
     ({"lora": [{"m": 64, "in_features": 48, "out_features": 32, "r": 4}]}, "lora[0]: missing field(s) dropout_p"),
     ({"adapter": [{"m": 8, "d": 8, "r": 2}, {"m": 8, "d": 8, "r": 2, "rank": 3}]}, "adapter[1]: unknown field(s) rank"),
@@ -324,3 +324,11 @@ def test_quantiles_and_saved_bytes():
     # x * x saves x twice: one storage, counted once; linear saves x and w, w excluded.
     assert harness.saved_tensors_bytes(lambda: x * x) == x.nbytes
     assert harness.saved_tensors_bytes(lambda: torch.nn.functional.linear(x, w), exclude=(w,)) == x.nbytes
+    # A graph built and dropped inside fn (PEFT's DoRA does this for B A) keeps nothing for backward.
+    big = torch.randn(256, 256, requires_grad=True)
+
+    def drops_a_graph():
+        (big * big).sum().detach()
+        return x * x
+
+    assert harness.saved_tensors_bytes(drops_a_graph) == x.nbytes

@@ -200,8 +200,8 @@ def test_run_cases_rows(cases):
 
 def test_bad_input():
     fields = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=256, seq=32, batch=2)
-    with pytest.raises(ValueError, match="unknown method 'dora'"):
-        e2e.E2EShape("dora", **fields)
+    with pytest.raises(ValueError, match="unknown method 'vera'"):
+        e2e.E2EShape("vera", **fields)
     with pytest.raises(ValueError, match="batch must be an int >= 1"):
         e2e.E2EShape("lora", **{**fields, "batch": 0})
     with pytest.raises(ValueError, match="multiple of heads"):

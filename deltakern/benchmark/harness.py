@@ -26,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -145,23 +146,38 @@ def backward_modes(forward: Callable[[], torch.Tensor], params: list[torch.Tenso
     return (lambda out: out.backward(grad_out)), setup
 
 
+class _Saved:
+    """What the pack hook hands autograd for one saved tensor: freed with the graph that holds it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 def saved_tensors_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the unique storages autograd saves while ``fn()`` runs, minus those of ``exclude``.
+    """Bytes of the unique storages autograd holds for backward once ``fn()`` has returned (its
+    result kept alive), minus those of ``exclude``.
 
     Storages are keyed by data pointer, so a view of the caller's tensor counts as that tensor.
-    ``exclude`` takes tensors kept by reference anyway (frozen weights).
+    ``exclude`` takes tensors kept by reference anyway (frozen weights). A tensor saved by a graph
+    that ``fn`` builds and drops before returning (PEFT's DoRA forms ``B A`` through an identity
+    matrix that way: 4 MiB at in = 1024) is not counted: it is not kept for backward.
     """
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
+    saved: list[tuple[int, int, weakref.ref]] = []
 
     def pack(t: torch.Tensor):
+        holder = _Saved(t)
         storage = t.untyped_storage()
         if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
+            saved.append((storage.data_ptr(), storage.nbytes(), weakref.ref(holder)))
+        return holder
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+        result = fn()
+    storages = {ptr: nbytes for ptr, nbytes, ref in saved if ref() is not None}
+    del result
     return sum(storages.values())
 
 

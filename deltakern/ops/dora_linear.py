@@ -20,6 +20,8 @@ alternative, recomputing ``drop(x) Wᵀ`` in backward, is a third GEMM as large 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..backend import BACKENDS, select_backend
@@ -171,19 +173,28 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
 class RowSqNormCache:
     """``‖W‖²_row`` of one weight, kept between calls and recomputed when the weight changes: in
     place (its version counter moves: an optimizer step, ``merge_lora``, ``load_state_dict``) or
-    replaced (another storage, shape, dtype or device). Under torch.compile it is computed each
-    call (a compiled graph cannot read version counters)."""
+    replaced (another tensor, storage, layout, dtype or device; the tensor is held by weak
+    reference, so a new weight allocated where a freed one was is still another tensor). Writes
+    through ``weight.data`` bypass the version counter: call :meth:`clear` after one. Under
+    torch.compile it is computed each call (a compiled graph cannot read version counters)."""
 
     def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._owner = None
         self._key = None
         self._value = None
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return weight_row_sqnorm(weight)
+        # A transposed view (Conv1D) is a new tensor each call: its base is the weight itself.
+        owner = weight if weight._base is None else weight._base
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
-        if key != self._key:
+        if self._owner is None or self._owner() is not owner or key != self._key:
             self._value = weight_row_sqnorm(weight)
+            self._owner = weakref.ref(owner)
             self._key = key
         return self._value
 

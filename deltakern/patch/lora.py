@@ -1,5 +1,6 @@
-"""``add_lora`` and ``merge_lora``: LoRA on a plain model through ``LoRALinear``, and the LoRA side
-of ``deltakern.save`` / ``deltakern.load`` (PEFT's ``adapter_config.json`` and key names).
+"""``add_lora`` and ``merge_lora``: LoRA (and its QLoRA and DoRA variants) on a plain model through
+``LoRALinear``, and the LoRA side of ``deltakern.save`` / ``deltakern.load`` (PEFT's
+``adapter_config.json`` and key names, DoRA's magnitude included).
 
 Targets are chosen as PEFT chooses them: ``"all-linear"`` is every ``nn.Linear`` and transformers
 ``Conv1D`` except the output layer, and a name in a list matches a module whose qualified name
@@ -23,9 +24,15 @@ from .common import (
 )
 from .targets import ALL_LINEAR, LISTED, resolve_targets
 
-def _wrap(model: nn.Module, names: list[str], r: int, alpha: float, dropout_p: float, use_rslora: bool) -> None:
+# PEFT's key suffix of DoRA's magnitude vector in a saved state dict (no ".weight": PEFT strips the
+# adapter name and the DoraLinearLayer's parameter name together).
+_MAGNITUDE_KEY = "lora_magnitude_vector"
+
+
+def _wrap(model: nn.Module, names: list[str], r: int, alpha: float, dropout_p: float, use_rslora: bool,
+          use_dora: bool) -> None:
     for name in names:
-        replace_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout_p, use_rslora))
+        replace_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout_p, use_rslora, use_dora))
     freeze_base(model)
 
 
@@ -53,13 +60,15 @@ def quantize(model: nn.Module, target_modules: str | list[str] = "all-linear", b
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout_p: float = 0.0,
              target_modules: str | list[str] = "all-linear", use_rslora: bool = False,
-             quantize_base: str | None = None) -> nn.Module:
+             quantize_base: str | None = None, use_dora: bool = False) -> nn.Module:
     """Replace the targeted linear layers of ``model`` in place by ``LoRALinear`` and freeze the rest.
 
     Each ``nn.Linear`` (weight ``[out, in]``) or transformers ``Conv1D`` (weight ``[in, out]``)
     selected by ``target_modules`` gets ``lora_A [r, in]`` (kaiming-uniform) and ``lora_B [out, r]``
     (zeros), so the model's outputs are unchanged until training moves ``lora_B``. Afterwards only
-    the LoRA parameters (and those of other deltakern delta modules) require grad.
+    the LoRA parameters (and those of other deltakern delta modules) require grad. With
+    ``use_dora`` each layer also gets DoRA's magnitude ``lora_magnitude [out]`` (``‖W‖`` per row,
+    PEFT's initialisation, so the outputs are again unchanged) and runs DoRA's fused op.
 
     Args:
         model: any module; Hugging Face models additionally get their output layer left out of
@@ -74,6 +83,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout_p: float =
         quantize_base: ``"nf4"`` for QLoRA: the targeted layers' weights are first quantised to
             NF4 (:func:`quantize`, block size 64, no nesting) and the LoRA layers run
             ``qlora_linear``. Layers that are already ``NF4Linear`` get QLoRA either way.
+        use_dora: DoRA (PEFT's ``use_dora=True``); over NF4 layers (QDoRA) the weight is
+            dequantised on each forward (not fused yet, see :class:`~deltakern.nn.LoRALinear`).
 
     Returns:
         ``model`` itself.
@@ -81,20 +92,21 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout_p: float =
     Raises:
         ValueError: a target name matches no ``nn.Linear`` / ``Conv1D`` (the message lists the
             names and some of the model's linear layers), ``target_modules`` has the wrong type,
-            or ``r`` / ``dropout_p`` are out of range.
+            or ``r`` / ``dropout_p`` / ``use_dora`` are out of range or of the wrong type.
     """
     if quantize_base not in (None, "nf4"):
         raise ValueError(f"deltakern.add_lora: quantize_base must be None or 'nf4', got {quantize_base!r}")
     names = resolve_targets(model, target_modules, None, "deltakern.add_lora", strict=True)
     if quantize_base == "nf4":
         quantize(model, names)
-    _wrap(model, names, r, alpha, dropout_p, use_rslora)
+    _wrap(model, names, r, alpha, dropout_p, use_rslora, use_dora)
     return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every ``LoRALinear`` of ``model`` into its base layer (``W += scaling · B A``,
-    transposed for a ``Conv1D``) and put the plain base layer back at the same name. The merged
+    transposed for a ``Conv1D``; DoRA's ``W ← (m / ‖W + scaling · B A‖) ⊙ (W + scaling · B A)``
+    per row, as PEFT merges it) and put the plain base layer back at the same name. The merged
     model computes what the LoRA model computes in eval mode. Returns ``model``.
 
     An NF4 (QLoRA) base is dequantised, merged and quantised to NF4 again (as PEFT merges into
@@ -123,20 +135,21 @@ def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
 
     The config names every LoRA layer by its full qualified name in ``target_modules`` (what PEFT
     writes for ``"all-linear"``). State keys: ``base_model.model.<name>.lora_A.weight`` ``[r, in]``
-    and ``base_model.model.<name>.lora_B.weight`` ``[out, r]``.
+    and ``base_model.model.<name>.lora_B.weight`` ``[out, r]``, and for DoRA (``use_dora: true``)
+    ``base_model.model.<name>.lora_magnitude_vector`` ``[out]``.
 
     Raises:
         ValueError: the model has no ``LoRALinear``.
-        NotImplementedError: the layers differ in r, alpha, dropout_p or rsLoRA (PEFT would need
-            ``rank_pattern`` / ``alpha_pattern``).
+        NotImplementedError: the layers differ in r, alpha, dropout_p, rsLoRA or DoRA (PEFT would
+            need ``rank_pattern`` / ``alpha_pattern``; its config has one ``use_dora``).
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not layers:
         raise ValueError(f"deltakern.save: {type(model).__name__} has no LoRALinear layer")
-    settings = {(m.r, m.alpha, m.dropout_p, m.scaling) for _, m in layers}
+    settings = {(m.r, m.alpha, m.dropout_p, m.scaling, m.use_dora) for _, m in layers}
     if len(settings) > 1:
         raise NotImplementedError(
-            f"deltakern.save: the LoRA layers differ in (r, alpha, dropout_p, scaling): {sorted(settings)}; "
+            f"deltakern.save: the LoRA layers differ in (r, alpha, dropout_p, scaling, use_dora): {sorted(settings)}; "
             "the checkpoint holds one setting for all layers"
         )
     first = layers[0][1]
@@ -151,7 +164,7 @@ def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
         "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
         "bias": "none",
         "use_rslora": use_rslora,
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "lora_bias": False,
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -165,12 +178,13 @@ def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
     for name, layer in layers:
         state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
         state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+        if layer.use_dora:
+            state[f"{PEFT_KEY_PREFIX}{name}.{_MAGNITUDE_KEY}"] = layer.lora_magnitude.detach()
     return config, state
 
 
 # LoraConfig options deltakern cannot reproduce, with the value each must have.
 _UNSUPPORTED = {
-    "use_dora": (False, "DoRA"),
     "lora_bias": (False, "a bias on lora_B"),
     "bias": ("none", "trained base biases"),
     "modules_to_save": (None, "fully trained extra modules"),
@@ -201,8 +215,8 @@ def _check_config(config: dict) -> None:
         value = config.get(option, plain)
         if value != plain and value not in (None, False, {}, []):
             raise NotImplementedError(
-                f"deltakern.load: the LoRA checkpoint sets {option}={value!r} ({meaning}); deltakern loads plain "
-                f"LoRA only, with {option}={plain!r}"
+                f"deltakern.load: the LoRA checkpoint sets {option}={value!r} ({meaning}); deltakern loads LoRA "
+                f"and DoRA with {option}={plain!r} only"
             )
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
@@ -210,6 +224,9 @@ def _check_config(config: dict) -> None:
             f"deltakern.load: the LoRA checkpoint sets init_lora_weights={init!r}, which changes the base weights; "
             f"deltakern loads checkpoints with init_lora_weights in {_PLAIN_INITS}"
         )
+    if config.get("use_dora", False) not in (True, False, None):
+        raise ValueError(f"deltakern.load: the LoRA checkpoint's use_dora must be true or false, "
+                         f"got {config['use_dora']!r}")
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"deltakern.load: the LoRA checkpoint's r must be an int >= 1, got {r!r}")
@@ -218,24 +235,27 @@ def _check_config(config: dict) -> None:
 def load_peft_lora(model: nn.Module, config: dict, state: dict) -> nn.Module:
     """Add the LoRA layers a PEFT ``adapter_config.json`` describes to the plain ``model`` and load
     their weights from ``state`` (keys ``base_model.model.<name>.lora_A.weight`` ``[r, in]`` and
-    ``...lora_B.weight`` ``[out, r]``). Targets are matched as PEFT matches them (a list of names or
-    a regular expression, minus ``exclude_modules``). Returns ``model`` with the base frozen.
+    ``...lora_B.weight`` ``[out, r]``, with ``use_dora`` also ``...lora_magnitude_vector``
+    ``[out]``). Targets are matched as PEFT matches them (a list of names or a regular expression,
+    minus ``exclude_modules``). Returns ``model`` with the base frozen.
 
     Raises:
-        NotImplementedError: the config uses an option deltakern does not reproduce (DoRA,
-            lora_bias, modules_to_save, rank_pattern, ...); the message names it.
+        NotImplementedError: the config uses an option deltakern does not reproduce (lora_bias,
+            modules_to_save, rank_pattern, ...); the message names it.
         ValueError: no layer matches, or the state dict lacks keys, has extra keys or wrong shapes.
     """
     _check_config(config)
     target_modules = config.get("target_modules")
     names = resolve_targets(model, target_modules, config.get("exclude_modules"), "deltakern.load", strict=False)
     _wrap(model, names, config["r"], config.get("lora_alpha", 8), config.get("lora_dropout", 0.0),
-          bool(config.get("use_rslora", False)))
+          bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)))
     expected = {}
     for name in names:
         layer = model.get_submodule(name)
         expected[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A
         expected[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        if layer.use_dora:
+            expected[f"{PEFT_KEY_PREFIX}{name}.{_MAGNITUDE_KEY}"] = layer.lora_magnitude
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -264,17 +284,19 @@ def load_peft_lora(model: nn.Module, config: dict, state: dict) -> nn.Module:
 E2E_R, E2E_ALPHA, E2E_DROPOUT_P, E2E_B_STD = 16, 32, 0.05, 0.02
 
 
-def _e2e_reference(base: nn.Module) -> nn.Module:
+def _e2e_reference(base: nn.Module, use_dora: bool = False) -> nn.Module:
     """PEFT's ``get_peft_model`` with ``LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-    target_modules="all-linear")``, B drawn from N(0, 0.02²)."""
+    target_modules="all-linear", use_dora=use_dora)``, B drawn from N(0, 0.02²)."""
     import peft
 
     config = peft.LoraConfig(task_type="CAUSAL_LM", r=E2E_R, lora_alpha=E2E_ALPHA, lora_dropout=E2E_DROPOUT_P,
-                             target_modules=ALL_LINEAR)
+                             target_modules=ALL_LINEAR, use_dora=use_dora)
     return peft_model_drawn(base, config, "lora_B", 0.0, E2E_B_STD)
 
 
 def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """lora_A and lora_B of each PEFT LoRA layer with the deltakern layer's, and with DoRA the
+    magnitude (PEFT's ``lora_magnitude_vector["default"].weight``) with ``lora_magnitude``."""
     from peft.tuners.lora import LoraLayer
 
     pairs = []
@@ -283,6 +305,9 @@ def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Para
             mine = ours.get_submodule(name)
             pairs.append((f"{name}.lora_A", layer.lora_A["default"].weight, mine.lora_A))
             pairs.append((f"{name}.lora_B", layer.lora_B["default"].weight, mine.lora_B))
+            if "default" in layer.lora_magnitude_vector:
+                pairs.append((f"{name}.lora_magnitude", layer.lora_magnitude_vector["default"].weight,
+                              mine.lora_magnitude))
     return pairs
 
 
@@ -327,4 +352,17 @@ register_method(MethodSpec(
         reference=_e2e_qlora_reference,
         deltakern=lambda base: add_lora(base, r=E2E_R, alpha=E2E_ALPHA, dropout_p=E2E_DROPOUT_P, target_modules=ALL_LINEAR,
                                         quantize_base="nf4"),
+        pairs=_e2e_pairs)))
+
+
+# DoRA's end-to-end step: LoRA's, with PEFT's use_dora=True against add_lora(use_dora=True). Its
+# magnitude starts at ‖W‖ on both sides (PEFT's init, before B is drawn), so with the drawn B the
+# scale m / ‖W + s·B A‖ differs from 1 and the magnitude's path shows. DoRA's checkpoint is LoRA's
+# (use_dora: true in PEFT's format), so the method declares none of its own.
+register_method(MethodSpec(
+    name="dora", label="DoRA",
+    e2e=E2EProviders(
+        reference=lambda base: _e2e_reference(base, use_dora=True),
+        deltakern=lambda base: add_lora(base, r=E2E_R, alpha=E2E_ALPHA, dropout_p=E2E_DROPOUT_P, target_modules=ALL_LINEAR,
+                                        use_dora=True),
         pairs=_e2e_pairs)))

@@ -3,9 +3,10 @@
 A patched layer keeps its class, its parameters and their names (so ``save_pretrained``,
 ``PeftModel.from_pretrained`` and optimizers see nothing new); only the instance's ``forward`` is
 replaced by one that calls ``lora_linear`` on the base weight and the active adapter's
-``lora_A`` / ``lora_B``. Every call first checks that the layer is still fusable (not merged, one
-active adapter, adapters enabled, no extra forward arguments, input dtype = weight dtype) and
-otherwise runs PEFT's own forward, so merging or switching adapters after ``patch`` stays correct.
+``lora_A`` / ``lora_B`` (``dora_linear`` with its ``lora_magnitude_vector`` for a DoRA adapter).
+Every call first checks that the layer is still fusable (not merged, one active adapter, adapters
+enabled, no extra forward arguments, input dtype = weight dtype) and otherwise runs PEFT's own
+forward, so merging or switching adapters after ``patch`` stays correct.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import torch
 from torch import nn
 
 from ..nn.wrapped_linear import is_conv1d
+from ..ops.dora_linear import RowSqNormCache, dora_linear
 from ..ops.lora_linear import lora_linear
 from ..ops.qlora_linear import qlora_linear
+
+# The attribute of a patched layer holding the cache of its base weight's ‖W‖²_row (DoRA).
+_SQNORM_CACHE = "_deltakern_weight_sqnorm"
 
 
 @dataclass
@@ -27,7 +32,8 @@ class PatchReport:
     """What :func:`patch` did.
 
     Attributes:
-        patched: names of the LoRA layers now running ``lora_linear`` (relative to the base model).
+        patched: names of the LoRA layers now running ``lora_linear`` (``qlora_linear``,
+            ``dora_linear``), relative to the base model.
         skipped: ``(name, reason)`` of each LoRA layer left on PEFT's path.
     """
 
@@ -92,9 +98,23 @@ def _lora_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def _is_dora(layer: nn.Module, adapter: str) -> bool:
+    """Whether ``adapter`` of ``layer`` is DoRA (PEFT's ``use_dora``: a ``DoraLinearVariant`` in
+    PEFT versions with LoRA variants, no variant in those before)."""
+    if not layer.use_dora.get(adapter):
+        return False
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is None:
+        return True
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return isinstance(variant, DoraLinearVariant)
+
+
 def _state_reason(layer: nn.Module) -> str | None:
-    """Why the layer's current adapter state cannot run as one ``lora_linear`` call, or None.
-    Checked at patch time and again on every call (the state can change after patching)."""
+    """Why the layer's current adapter state cannot run as one ``lora_linear`` (or
+    ``dora_linear``) call, or None. Checked at patch time and again on every call (the state can
+    change after patching)."""
     if layer.merged:
         return "merged weights"
     active = layer.active_adapters
@@ -103,11 +123,12 @@ def _state_reason(layer: nn.Module) -> str | None:
     adapter = active[0]
     if adapter not in layer.lora_A:
         return f"active adapter {adapter!r} is not in this layer"
-    if layer.use_dora.get(adapter):
-        return "DoRA"
+    dora = _is_dora(layer, adapter)
     variant = getattr(layer, "lora_variant", {}).get(adapter)  # PEFT versions before variants have none
-    if variant is not None:
+    if variant is not None and not dora:
         return f"LoRA variant {type(variant).__name__}"
+    if dora and _is_linear4bit(layer.base_layer):
+        return "DoRA over a bitsandbytes 4-bit base (not fused yet)"
     if layer.lora_bias.get(adapter) or layer.lora_B[adapter].bias is not None:
         return "lora_bias"
     dropout = layer.lora_dropout[adapter]
@@ -116,6 +137,9 @@ def _state_reason(layer: nn.Module) -> str | None:
     if layer.lora_A[adapter].weight.dtype != _base_dtype(layer.base_layer):
         return (f"LoRA weights in {layer.lora_A[adapter].weight.dtype}, base computes in "
                 f"{_base_dtype(layer.base_layer)}")
+    if dora and layer.lora_magnitude_vector[adapter].weight.dtype != layer.lora_A[adapter].weight.dtype:
+        return (f"DoRA magnitude in {layer.lora_magnitude_vector[adapter].weight.dtype}, LoRA weights in "
+                f"{layer.lora_A[adapter].weight.dtype}")
     return None
 
 
@@ -132,9 +156,9 @@ def _skip_reason(layer: nn.Module, linear_cls) -> str | None:
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``base(x) + scaling · B(A(drop(x)))`` for the single active adapter, by ``lora_linear``
-    (``qlora_linear`` over a bitsandbytes NF4 ``Linear4bit``); PEFT's forward when the layer's
-    state or the call does not allow that. x ``[..., in]`` →
-    ``[..., out]``."""
+    (``qlora_linear`` over a bitsandbytes NF4 ``Linear4bit``; ``dora_linear`` for a DoRA adapter,
+    with ‖W‖²_row cached on the layer); PEFT's forward when the layer's state or the call does not
+    allow that. x ``[..., in]`` → ``[..., out]``."""
     base = self.base_layer
     if args or kwargs or self.disable_adapters or x.dtype != _base_dtype(base) or _state_reason(self) is not None:
         return type(self).forward(self, x, *args, **kwargs)
@@ -146,6 +170,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return qlora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                             self.scaling[adapter], p)
     weight = base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores [in, out]
+    if _is_dora(self, adapter):
+        # Created on first use: an adapter can become DoRA (add_adapter, set_adapter) after patch.
+        sqnorm = self.__dict__.setdefault(_SQNORM_CACHE, RowSqNormCache())(weight)
+        return dora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                           self.lora_magnitude_vector[adapter].weight, self.scaling[adapter], p, weight_sqnorm=sqnorm)
     return lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                        self.scaling[adapter], p)
 
@@ -161,11 +190,14 @@ def patch(peft_model: nn.Module) -> PatchReport:
     Each ``peft.tuners.lora.Linear`` over an ``nn.Linear`` or a ``Conv1D`` (PEFT's
     ``fan_in_fan_out``), and each LoRA layer over a bitsandbytes NF4 ``Linear4bit`` (QLoRA, run
     by ``qlora_linear`` on the ``Params4bit`` in place), with one active plain-LoRA adapter gets a
-    fused forward; its parameters and their names are untouched. Layers left on PEFT's path, with
-    the reason in the report: DoRA and other LoRA variants, several active adapters, merged
-    weights, ``lora_bias``, LoRA weights in another dtype than the base computes in, FP4 bases,
-    other layer types (Embedding, Conv2d, 8-bit layers, ...). Dropout: the adapter's ``lora_dropout`` probability, in training mode
-    only (the masks are deltakern's, not PEFT's).
+    fused forward; so does a ``peft.tuners.lora.Linear`` whose active adapter is DoRA
+    (``use_dora=True``, run by ``dora_linear`` with PEFT's ``lora_magnitude_vector``; ‖W‖²_row is
+    cached on the layer and recomputed when the base weight changes). Parameters and their names
+    are untouched. Layers left on PEFT's path, with the reason in the report: LoRA variants other
+    than DoRA, DoRA over a bitsandbytes 4-bit base, several active adapters, merged weights,
+    ``lora_bias``, LoRA weights (or a DoRA magnitude) in another dtype than the base computes in,
+    FP4 bases, other layer types (Embedding, Conv2d, 8-bit layers, ...). Dropout: the adapter's
+    ``lora_dropout`` probability, in training mode only (the masks are deltakern's, not PEFT's).
 
     Returns:
         A :class:`PatchReport`; ``str()`` of it reads as a sentence.
@@ -194,4 +226,5 @@ def unpatch(model: nn.Module) -> nn.Module:
     for _, layer in _lora_layers(model, "deltakern.unpatch"):
         if _is_patched(layer):
             del layer.__dict__["forward"]
+        layer.__dict__.pop(_SQNORM_CACHE, None)
     return model

@@ -265,6 +265,25 @@ def test_row_sqnorm_cache_follows_the_weight():
     other = torch.randn(7, 13)
     torch.testing.assert_close(cache(other), other.square().sum(1))  # another tensor
     torch.testing.assert_close(cache(other.t().contiguous().t()), other.square().sum(1))  # another layout
+    stored = torch.randn(13, 7)  # a Conv1D weight [in, out], seen as its transposed view each call
+    value = cache(stored.t())
+    assert cache(stored.t()) is value
+    torch.testing.assert_close(value, stored.square().sum(0))
+
+
+def test_row_sqnorm_cache_tells_a_new_weight_at_a_freed_address():
+    """A weight replaced by another of the same shape (load_state_dict(assign=True)) may land
+    where the freed one was, with the same version (0): it is still another tensor."""
+    cache = RowSqNormCache()
+    w = torch.randn(64, 64)
+    cache(w)
+    address = w.data_ptr()
+    del w
+    for _ in range(8):  # the allocator hands the freed block back to a same-size request
+        fresh = torch.randn(64, 64)
+        if fresh.data_ptr() == address:
+            break
+    torch.testing.assert_close(cache(fresh), fresh.square().sum(1))
 
 
 def test_bf16_row_sqnorm_is_chunked_and_fp32():

@@ -158,9 +158,10 @@ def test_other_peft_type_raises(tmp_path):
 
 
 def test_unsupported_lora_options_raise(tmp_path):
-    model = get_peft_model(build("llama"), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"], use_dora=True))
+    model = get_peft_model(build("llama"), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj"],
+                                                      layers_to_transform=[0]))
     model.save_pretrained(tmp_path)
-    with pytest.raises(NotImplementedError, match="use_dora=True"):
+    with pytest.raises(NotImplementedError, match=r"layers_to_transform=\[0\]"):
         deltakern.load(build("llama"), tmp_path)
     config, state = lora_method.peft_lora_checkpoint(ours_like("llama", peft_lora("llama")))
     with pytest.raises(NotImplementedError, match="lora_bias=True"):
