@@ -9,6 +9,7 @@
 
 #include "adapter.h"
 #include "deltakern/activations.h"
+#include "dora_linear.h"
 #include "ia3_linear.h"
 #include "lora_linear.h"
 #include "prefix_attention.h"
@@ -33,6 +34,15 @@ TORCH_LIBRARY(deltakern, m) {
       "qlora_linear_bwd(Tensor grad_out, Tensor x, Tensor packed, Tensor absmax, Tensor code, "
       "int blocksize, Tensor lora_A, Tensor lora_B, Tensor xa, float scaling, float dropout_p, "
       "Tensor seed) -> (Tensor, Tensor, Tensor)");
+  // dora_linear: DoRA's column scale c = magnitude / ‖W + s·B A‖ (computed in Python) around
+  // lora_linear's GEMMs; z [M, N] (the term c multiplies, for d_scale) only when save_z, else an
+  // empty [0] placeholder, and then d_scale is empty [0] too.
+  m.def(
+      "dora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scale, "
+      "float scaling, float dropout_p, Tensor seed, bool save_z) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor scale, "
+      "Tensor xa, Tensor z, float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "nf4_dequantize(Tensor packed, Tensor absmax, Tensor code, int blocksize, int rows, int cols, "
       "ScalarType dtype) -> Tensor");
@@ -66,6 +76,8 @@ TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
   m.impl("qlora_linear_fwd", &deltakern::qlora_linear_fwd_cpu);
   m.impl("qlora_linear_bwd", &deltakern::qlora_linear_bwd_cpu);
   m.impl("nf4_dequantize", &deltakern::nf4_dequantize_cpu);
+  m.impl("dora_linear_fwd", &deltakern::dora_linear_fwd_cpu);
+  m.impl("dora_linear_bwd", &deltakern::dora_linear_bwd_cpu);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cpu);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cpu);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cpu);
@@ -81,6 +93,8 @@ TORCH_LIBRARY_IMPL(deltakern, CUDA, m) {
   m.impl("qlora_linear_fwd", &deltakern::qlora_linear_fwd_cuda);
   m.impl("qlora_linear_bwd", &deltakern::qlora_linear_bwd_cuda);
   m.impl("nf4_dequantize", &deltakern::nf4_dequantize_cuda);
+  m.impl("dora_linear_fwd", &deltakern::dora_linear_fwd_cuda);
+  m.impl("dora_linear_bwd", &deltakern::dora_linear_bwd_cuda);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cuda);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cuda);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cuda);

@@ -10,10 +10,20 @@
 
 #include "blocks.h"
 #include "deltakern/philox.h"
+#include "keep_mask.h"
 #include "lora_linear.h"
 #include "vec16.h"
 
 namespace deltakern {
+
+// keep_block of keep_mask.h, compiled for AVX-512, AVX2 and the baseline, picked at load time.
+// The RNG is the largest cost of dropout here: a mask of 2M elements took 9.5 ms on 2 cores with
+// the scalar philox4x32_10 loop, and on one core 2.7 ms with this block vectorized for AVX2,
+// 1.7 ms for AVX-512 (Zen 4).
+DELTAKERN_CLONES void keep_block(uint64_t seed, uint64_t first_counter, uint32_t threshold, uint8_t* keep) {
+  keep_counters<kKeepBlockCounters>(seed, first_counter, threshold, keep);
+}
+
 namespace {
 
 // Rows of x dropped into a thread-local buffer per shrink GEMM call: 32 rows x 1024 fp32 is
@@ -21,47 +31,6 @@ namespace {
 constexpr int64_t kShrinkRows = 32;
 // Elements per task of the element-wise passes.
 constexpr int64_t kMaskGrain = 1 << 15;
-// Philox counters per vectorized block: 64 counters = 256 elements.
-constexpr int kBlockCounters = 64;
-constexpr int64_t kBlockElements = 4 * kBlockCounters;
-
-// keep[i] = 1 for the kept elements 4 * first_counter + i of one block. Compiled for AVX-512,
-// AVX2 and the baseline, picked at load time. The RNG is the largest cost of dropout here: a
-// mask of 2M elements took 9.5 ms on 2 cores with the scalar philox4x32_10 loop, and on one
-// core 2.7 ms with this block vectorized for AVX2, 1.7 ms for AVX-512 (Zen 4).
-DELTAKERN_CLONES void keep_block(uint64_t seed, uint64_t first_counter, uint32_t threshold, uint8_t* keep) {
-  uint32_t c0[kBlockCounters], c1[kBlockCounters], c2[kBlockCounters], c3[kBlockCounters];
-  philox4x32_10_block(seed, first_counter, c0, c1, c2, c3);
-  for (int i = 0; i < kBlockCounters; ++i) {
-    keep[4 * i + 0] = philox_fold(c0[i]) >= threshold;
-    keep[4 * i + 1] = philox_fold(c1[i]) >= threshold;
-    keep[4 * i + 2] = philox_fold(c2[i]) >= threshold;
-    keep[4 * i + 3] = philox_fold(c3[i]) >= threshold;
-  }
-}
-
-// Calls f(offset, count, keep) over the elements [begin, end) of the flattened [M, K] index
-// space in consecutive runs: keep[j] is the keep bit of element begin + offset + j.
-template <typename F>
-inline void for_each_keep_run(uint64_t seed, float dropout_p, int64_t begin, int64_t end, F&& f) {
-  const uint32_t threshold = dropout_threshold(dropout_p);
-  alignas(64) uint8_t keep[kBlockElements];
-  for (int64_t block = begin & ~int64_t{3}; block < end; block += kBlockElements) {
-    keep_block(seed, static_cast<uint64_t>(block >> 2), threshold, keep);
-    const int64_t lo = std::max(block, begin);
-    const int64_t hi = std::min(block + kBlockElements, end);
-    f(lo - begin, hi - lo, keep + (lo - block));
-  }
-}
-
-// out[j] = in[j] * keep[j] * keep_scale: multiplying (not selecting) propagates NaN and inf as
-// the reference x * mask / (1 - dropout_p) does.
-template <typename in_t, typename opmath_t, typename out_t>
-inline void scale_kept(const in_t* in, const uint8_t* keep, int64_t n, opmath_t keep_scale, out_t* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] = static_cast<out_t>(static_cast<opmath_t>(in[j]) * (keep[j] * keep_scale));
-  }
-}
 
 // LoraDropoutKernels::shrink.
 void dropout_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, int64_t seed, at::Tensor& xa) {

@@ -319,10 +319,11 @@ def test_saved_for_backward_is_lora_plus_z_only_when_the_magnitude_trains(backen
         dora = _saved_bytes(lambda: deltakern.dora_linear(x, i["weight"], i["bias"], a, b, mag, 1.5, 0.1))
         mag.requires_grad_(False)
         dora_frozen = _saved_bytes(lambda: deltakern.dora_linear(x, i["weight"], i["bias"], a, b, mag, 1.5, 0.1))
-    z_bytes, scale_bytes, seed_bytes = m * n * 4, n * 4, 8
+    # [out] vectors: the fp32 scale the kernels read and the norm that m / n keeps for dm.
+    z_bytes, vectors, seed_bytes = m * n * 4, 2 * n * 4, 8
     assert lora <= m * k * 4 + m * r * 4 + frozen + seed_bytes + 64
-    assert dora - lora <= z_bytes + scale_bytes + 8
-    assert dora_frozen - lora <= scale_bytes + 8 + 4  # z is an empty placeholder
+    assert dora - lora <= z_bytes + vectors + 8
+    assert dora_frozen - lora <= vectors + 8 + 4  # z is an empty placeholder
 
 
 def _largest_allocation(fn) -> int:
@@ -343,12 +344,16 @@ def test_cpu_step_never_allocates_an_out_by_in_tensor(dropout_p, dtype):
     """Forward and backward on the cpu backend allocate nothing of [out, in] size (W is 4 MiB in
     fp32 here): the largest tensors are the activations [M, in] / [M, out] (256 KiB)."""
     m, k, n, r = 64, 1024, 1024, 16
-    inputs = make_inputs(m, k, n, r)
+    t = {name: v.to(dtype) for name, v in make_inputs(m, k, n, r).items()}
+    for name in GRADS:
+        t[name].requires_grad_(True)
     dense_bytes = n * k * dtype.itemsize
 
     def step(backend):
         with deltakern.use_backend(backend):
-            run(deltakern.dora_linear, inputs, dtype, 1.0, dropout_p)
+            out = deltakern.dora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["magnitude"],
+                                        1.0, dropout_p, SEED)
+        out.backward(t["grad_out"])
 
     step("cpu")  # warm-up: one-time allocations (thread pools, oneDNN kernels) out of the way
     largest = _largest_allocation(lambda: step("cpu"))
