@@ -43,7 +43,7 @@ import triton.language as tl
 
 from deltakern.triton_kernels import lora_linear
 from deltakern.triton_kernels.common import AotSpec, block_r, dot_precision, grouped_tile, launch
-from deltakern.triton_kernels.lora_linear import INTERPRETER_CONFIG, RANKS, lora_da_kernel, lora_shrink, low_rank_tile
+from deltakern.triton_kernels.lora_linear import INTERPRETER_CONFIG, RANKS, lora_da, lora_shrink, low_rank_tile
 from deltakern.triton_kernels.rng import dropout_keep, philox_seed
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def dora_linear_bwd(grad_out, x, weight, lora_A, lora_B, scale, xa, z, scaling: 
     if has_z:
         z = z.contiguous()
     precision = dot_precision(x.dtype)
-    seed = philox_seed(seed)
+    philox = philox_seed(seed)
     keep_scale = 1.0 / (1.0 - dropout_p)
     # dxa is kept in x's dtype, as eager PyTorch rounds it: it feeds the 16-bit dots of dA and dx.
     dxa = torch.empty((M, R), dtype=x.dtype, device=x.device)
@@ -416,19 +416,12 @@ def dora_linear_bwd(grad_out, x, weight, lora_A, lora_B, scale, xa, z, scaling: 
         interpreter_config=INTERPRETER_CONFIG["dy"],
         HAS_Z=has_z, BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
-    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
-    launch(
-        lora_da_kernel,
-        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"] * meta["M_TILES"])),
-        dxa, x, da, M, K, R, seed, dropout_p, keep_scale,
-        interpreter_config=INTERPRETER_CONFIG["da"],
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,
-    )
+    da = lora_da(dxa, x, dropout_p, seed)
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
     launch(
         dora_dx_dropout_kernel if dropout_p > 0.0 else dora_dx_kernel,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
-        grad_out, weight, scale, dxa, lora_A, dx, M, N, K, R, weight.stride(0), weight.stride(1), seed, dropout_p,
+        grad_out, weight, scale, dxa, lora_A, dx, M, N, K, R, weight.stride(0), weight.stride(1), philox, dropout_p,
         keep_scale,
         interpreter_config=INTERPRETER_CONFIG["gemm"],
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,

@@ -372,21 +372,29 @@ def lora_low_rank_backward(grad_out, x, lora_B, xa, scaling: float, dropout_p: f
     dxa = torch.empty((M, R), dtype=x.dtype, device=x.device)
     # dA and dB are sums over M split across CTAs: accumulated in fp32, cast at the end.
     db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
-    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
     launch(
         lora_dy_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
         grad_out, lora_B, xa, dxa, db, M, N, R, scaling,
         interpreter_config=INTERPRETER_CONFIG["dy"],
         BLOCK_R=block_r(R), DOT_PRECISION=precision,
     )
+    return dxa, lora_da(dxa, x, dropout_p, seed), db
+
+
+def lora_da(dxa, x, dropout_p: float, seed: int):
+    """Kernel 4 on contiguous tensors: ``dA = dxa^T drop(x)`` ``[R, K]`` in fp32 (a sum over M
+    split across CTAs), the mask regenerated from ``seed``. Shared with the DoRA op."""
+    M, K = x.shape
+    R = dxa.shape[1]
+    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
     launch(
         lora_da_kernel,
         lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"] * meta["M_TILES"])),
         dxa, x, da, M, K, R, philox_seed(seed), dropout_p, 1.0 / (1.0 - dropout_p),
         interpreter_config=INTERPRETER_CONFIG["da"],
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=precision,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r(R), DOT_PRECISION=dot_precision(x.dtype),
     )
-    return dxa, da, db
+    return da
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
