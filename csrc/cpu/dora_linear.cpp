@@ -56,7 +56,6 @@ namespace deltakern {
 namespace {
 
 using namespace vec16;
-using vdouble = double __attribute__((vector_size(128)));
 
 // The sparse kernels keep 8 to 16 vectors of accumulators in registers across a loop. NOTE GCC 12
 // compiles vec16's 64-byte vectors there into stack round trips in the AVX2 clone (a splat took 16
@@ -138,19 +137,6 @@ constexpr int64_t kGrain = int64_t{1} << 15;
 // ---------------------------------------------------------------------------------------
 // Element-wise passes. The *_impl templates hold the loops; DELTAKERN_CLONES overloads compile
 // them for fp32 and bf16 (16-lane fp32 vectors), fp64 runs them as scalars.
-
-// sum[j] += v[j] in fp64 for the first count lanes.
-DELTAKERN_ALWAYS_INLINE void add_to_fp64(double* sum, vfloat v, int64_t count) {
-  const vdouble d = __builtin_convertvector(v, vdouble);
-  if (count == kLanes) {
-    vdouble acc;
-    std::memcpy(&acc, sum, sizeof(acc));
-    acc += d;
-    std::memcpy(sum, &acc, sizeof(acc));
-    return;
-  }
-  for (int64_t j = 0; j < count; ++j) sum[j] += d[j];
-}
 
 // y = f ⊙ z + b over one row of n (b may be null; y may be z).
 template <typename T, typename A>

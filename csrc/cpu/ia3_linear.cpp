@@ -79,7 +79,6 @@ namespace {
 constexpr const char* kOp = "deltakern.ia3_linear";
 
 using namespace vec16;
-using vdouble = double __attribute__((vector_size(128)));
 
 // Tile rows, tile columns and reduction chunk of the block GEMMs.
 constexpr int64_t kBlockRows = 128;
@@ -98,19 +97,6 @@ constexpr int64_t kTaskWork = int64_t{1} << 20;
 // ---------------------------------------------------------------------------------------
 // Element-wise passes on tiles. The *_impl templates hold the loops; DELTAKERN_CLONES overloads
 // instantiate them for fp32 and bf16 (16-lane fp32 vectors) and fp64 (scalars).
-
-// sum[j] += v[j] in fp64 for the first count lanes.
-DELTAKERN_ALWAYS_INLINE void add_lanes(double* sum, vfloat v, int64_t count) {
-  const vdouble d = __builtin_convertvector(v, vdouble);
-  if (count == kLanes) {
-    vdouble acc;
-    std::memcpy(&acc, sum, sizeof(acc));
-    acc += d;
-    std::memcpy(sum, &acc, sizeof(acc));
-    return;
-  }
-  for (int64_t j = 0; j < count; ++j) sum[j] += d[j];
-}
 
 // The forward's epilogue on a tile [rows, n] of the GEMM result c: v = c + bias, then z = v and
 // out = v ⊙ s (output scale; z and s given), or out = v (input scale). bias may be null; c may
@@ -172,7 +158,7 @@ DELTAKERN_ALWAYS_INLINE void input_grad_tile_impl(const acc_t* g, int64_t ldg, c
     } else {
       for_each_chunk(n, [&](int64_t j, int64_t count) __attribute__((always_inline)) {
         const vfloat gv = load_part(g_row + j, count);
-        add_lanes(ds_sum + j, gv * load_part(x_row + j, count), count);
+        add_to_fp64(ds_sum + j, gv * load_part(x_row + j, count), count);
         store_part(dx_row + j, gv * load_part(s + j, count), count);
       });
     }
@@ -211,7 +197,7 @@ DELTAKERN_ALWAYS_INLINE void row_prologue_impl(const scalar_t* a, int64_t lda, c
     } else {
       for_each_chunk(n, [&](int64_t j, int64_t count) __attribute__((always_inline)) {
         const vfloat av = load_part(a_row + j, count);
-        if (ds_sum != nullptr) add_lanes(ds_sum + j, av * load_part(z_row + j, count), count);
+        if (ds_sum != nullptr) add_to_fp64(ds_sum + j, av * load_part(z_row + j, count), count);
         if (scaled_row != nullptr) store_part(scaled_row + j, av * load_part(s + j, count), count);
       });
     }

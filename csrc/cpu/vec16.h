@@ -26,6 +26,7 @@ using vfloat = float __attribute__((vector_size(64)));
 using vint = int32_t __attribute__((vector_size(64)));
 using vuint = uint32_t __attribute__((vector_size(64)));
 using vbf16 = uint16_t __attribute__((vector_size(32)));
+using vdouble = double __attribute__((vector_size(128)));
 constexpr int64_t kLanes = 16;
 
 DELTAKERN_ALWAYS_INLINE vfloat splat(float x) { return vfloat{} + x; }
@@ -96,6 +97,20 @@ DELTAKERN_ALWAYS_INLINE void for_each_chunk(int64_t n, F&& f) {
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) f(c, kLanes);
   if (c < n) f(c, n - c);
+}
+
+// sum[j] += v[j] in fp64 for the first count lanes: the column sums of the element-wise passes
+// (a scale's gradient over M rows) accumulate in fp64.
+DELTAKERN_ALWAYS_INLINE void add_to_fp64(double* sum, vfloat v, int64_t count) {
+  const vdouble d = __builtin_convertvector(v, vdouble);
+  if (count == kLanes) {
+    vdouble acc;
+    std::memcpy(&acc, sum, sizeof(acc));
+    acc += d;
+    std::memcpy(sum, &acc, sizeof(acc));
+    return;
+  }
+  for (int64_t j = 0; j < count; ++j) sum[j] += d[j];
 }
 
 }  // namespace vec16
