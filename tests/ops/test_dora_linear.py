@@ -15,6 +15,7 @@ from deltakern.ops.dora_linear import RowSqNormCache, dora_weight_norm, weight_r
 from deltakern.reference.dora_linear import dora_linear as reference_dora_linear
 from deltakern.reference.dora_linear import dora_weight_norm as reference_weight_norm
 from deltakern.reference.lora_linear import dropout as reference_dropout
+from tests.allocations import largest_allocation
 from tests.tolerances import assert_backend_matches_reference
 
 SEED = 2468
@@ -326,18 +327,6 @@ def test_saved_for_backward_is_lora_plus_z_only_when_the_magnitude_trains(backen
     assert dora_frozen - lora <= vectors + 8 + 4  # z is an empty placeholder
 
 
-def _largest_allocation(fn) -> int:
-    """The largest single tensor allocation through torch's CPU allocator while ``fn()`` runs
-    (allocations inside the extension's kernels included)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action, MemoryProfile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
-        fn()
-    return max(size for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline
-               if action == Action.CREATE)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_cpu_step_never_allocates_an_out_by_in_tensor(dropout_p, dtype):
@@ -356,10 +345,10 @@ def test_cpu_step_never_allocates_an_out_by_in_tensor(dropout_p, dtype):
         out.backward(t["grad_out"])
 
     step("cpu")  # warm-up: one-time allocations (thread pools, oneDNN kernels) out of the way
-    largest = _largest_allocation(lambda: step("cpu"))
+    largest = largest_allocation(lambda: step("cpu"))
     assert largest <= dense_bytes // 4, f"largest allocation {largest} B against a {dense_bytes} B [out, in] tensor"
     # The check sees an [out, in] tensor where there is one: the reference forms W + s·B A.
-    assert _largest_allocation(lambda: step("reference")) >= dense_bytes
+    assert largest_allocation(lambda: step("reference")) >= dense_bytes
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 import deltakern
 from deltakern.nf4 import NF4Weight, quantize_nf4
 from deltakern.reference.qlora_linear import qlora_linear as reference_qlora_linear
+from tests.allocations import largest_allocation
 from tests.tolerances import assert_backend_matches_reference
 
 SEED = 4321
@@ -219,18 +220,6 @@ def test_blocksize_mismatch_is_named():
         NF4Weight(q.packed, q.absmax, q.shape, blocksize=32)
 
 
-def _largest_allocation(fn) -> int:
-    """The largest single tensor allocation through torch's CPU allocator while ``fn()`` runs
-    (allocations inside the extension's kernels included)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action, MemoryProfile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
-        fn()
-    return max(size for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline
-               if action == Action.CREATE)
-
-
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_cpu_step_never_allocates_the_dense_weight(dropout_p):
     """Forward and backward on the cpu backend allocate nothing near the dense [out, in] weight
@@ -244,7 +233,7 @@ def test_cpu_step_never_allocates_the_dense_weight(dropout_p):
             run(deltakern.qlora_linear, inputs, torch.float32, 1.0, dropout_p)
 
     step()  # warm-up: one-time allocations (thread pools, oneDNN kernels) out of the way
-    largest = _largest_allocation(step)
+    largest = largest_allocation(step)
     assert largest <= dense_bytes // 4, f"largest allocation {largest} B against a {dense_bytes} B dense weight"
     with deltakern.use_backend("reference"):  # the check sees a dense weight where there is one
-        assert _largest_allocation(lambda: run(deltakern.qlora_linear, inputs, torch.float32, 1.0, 0.0)) >= dense_bytes
+        assert largest_allocation(lambda: run(deltakern.qlora_linear, inputs, torch.float32, 1.0, 0.0)) >= dense_bytes
