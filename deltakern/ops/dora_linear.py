@@ -94,7 +94,7 @@ def _bwd_fake(grad_out, x, weight, lora_A, lora_B, scale, xa, z, scaling, dropou
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scale, scaling, dropout_p, seed, _ = inputs
+    x, weight, _, lora_A, lora_B, scale, scaling, dropout_p, seed, _ = inputs
     _, xa, z = output
     ctx.mark_non_differentiable(xa, z)
     ctx.save_for_backward(x, weight, lora_A, lora_B, scale, xa, z, seed)

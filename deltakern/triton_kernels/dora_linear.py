@@ -42,8 +42,20 @@ import triton
 import triton.language as tl
 
 from deltakern.triton_kernels import lora_linear
-from deltakern.triton_kernels.common import AotSpec, block_r, dot_precision, grouped_tile, launch
-from deltakern.triton_kernels.lora_linear import INTERPRETER_CONFIG, RANKS, lora_da, lora_shrink, low_rank_tile
+from deltakern.triton_kernels.common import (
+    AotSpec,
+    block_r,
+    dot_precision,
+    grouped_tile,
+    launch,
+)
+from deltakern.triton_kernels.lora_linear import (
+    INTERPRETER_CONFIG,
+    RANKS,
+    lora_da,
+    lora_shrink,
+    low_rank_tile,
+)
 from deltakern.triton_kernels.rng import dropout_keep, philox_seed
 
 # --------------------------------------------------------------------------------------------

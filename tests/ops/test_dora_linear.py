@@ -11,7 +11,11 @@ import pytest
 import torch
 
 import deltakern
-from deltakern.ops.dora_linear import RowSqNormCache, dora_weight_norm, weight_row_sqnorm
+from deltakern.ops.dora_linear import (
+    RowSqNormCache,
+    dora_weight_norm,
+    weight_row_sqnorm,
+)
 from deltakern.reference.dora_linear import dora_linear as reference_dora_linear
 from deltakern.reference.dora_linear import dora_weight_norm as reference_weight_norm
 from deltakern.reference.lora_linear import dropout as reference_dropout
