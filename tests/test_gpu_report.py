@@ -18,6 +18,7 @@ from deltakern.gpu_report import (
     row_problems,
     run_gpu_report,
 )
+from deltakern.registry import ops
 from deltakern.triton_kernels.aot import SHARED_MEMORY_LIMIT, compile_jobs
 from tests.csrc.test_build import cuda_build_expected
 
@@ -193,15 +194,14 @@ def test_cuda_rows_of_the_built_extension():
         return
     assert _native.has_cuda_kernels()
     assert {(r.op, r.arch) for r in rows} == {
-        (op, arch) for op in ("adapter", "ia3_linear", "lora_linear", "prefix_attention", "qlora_linear")
-        for arch in ("sm_80", "sm_90")}
+        (op, arch) for op in ops() for arch in ("sm_80", "sm_90")}
     assert {r.kernel for r in rows if r.op == "prefix_attention"} == {
         "prefix_attention_fwd_kernel", "prefix_attention_delta_kernel", "prefix_attention_dq_kernel",
         "prefix_attention_dkdv_kernel"}
     # Fp32 SIMT kernels: no tensor-core instructions, reported as such without failing.
     assert {(r.tensor_cores, r.mma, r.wgmma) for r in rows if r.op == "prefix_attention"} == {("SIMT", False, False)}
-    # The GEMMs of lora_linear, adapter, ia3_linear and qlora_linear are cuBLAS calls: their own
-    # kernels (dropout, epilogues, NF4 dequantisation) have no tensor cores.
+    # The GEMMs of the other ops are cuBLAS calls: their own kernels (dropout, epilogues, NF4
+    # dequantisation, DoRA's scale) have no tensor cores.
     assert {r.tensor_cores for r in rows if r.op != "prefix_attention"} == {"none"}
     assert {r.dtype for r in rows if r.kernel == "prefix_attention_fwd_kernel"} == {"fp16", "bf16", "fp32"}
     assert all(0 < r.registers <= 255 and r.local_bytes == 0 and r.stack_bytes == 0 for r in rows)
