@@ -161,6 +161,9 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     allow that. x ``[..., in]`` → ``[..., out]``."""
     base = self.base_layer
     if args or kwargs or self.disable_adapters or x.dtype != _base_dtype(base) or _state_reason(self) is not None:
+        # PEFT's merge and unmerge write the base weight through .data, unseen by its version
+        # counter: a DoRA layer recomputes ‖W‖²_row once it is fusable again.
+        self.__dict__.pop(_SQNORM_CACHE, None)
         return type(self).forward(self, x, *args, **kwargs)
     adapter = self.active_adapters[0]
     dropout = self.lora_dropout[adapter]

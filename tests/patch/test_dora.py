@@ -310,6 +310,8 @@ def test_patched_dora_follows_peft_state_changes(calls):
     model.merge_adapter()
     torch.testing.assert_close(model(**x).logits, expected, **TOL)
     assert calls["n"] == n
+    # PEFT writes the merge through .data (no version bump): the ‖W‖² caches are dropped.
+    assert not any("_deltakern_weight_sqnorm" in layer.__dict__ for layer in peft_layers(model).values())
     model.unmerge_adapter()
     torch.testing.assert_close(model(**x).logits, expected, **TOL)
     assert calls["n"] == 2 * n
