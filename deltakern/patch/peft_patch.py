@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..nf4 import NF4Weight
 from ..nn.wrapped_linear import is_conv1d
 from ..ops.dora_linear import RowSqNormCache, dora_linear
 from ..ops.lora_linear import lora_linear
@@ -127,8 +128,6 @@ def _state_reason(layer: nn.Module) -> str | None:
     variant = getattr(layer, "lora_variant", {}).get(adapter)  # PEFT versions before variants have none
     if variant is not None and not dora:
         return f"LoRA variant {type(variant).__name__}"
-    if dora and _is_linear4bit(layer.base_layer):
-        return "DoRA over a bitsandbytes 4-bit base (not fused yet)"
     if layer.lora_bias.get(adapter) or layer.lora_B[adapter].bias is not None:
         return "lora_bias"
     dropout = layer.lora_dropout[adapter]
@@ -169,11 +168,18 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     dropout = self.lora_dropout[adapter]
     # PEFT's dropout module follows the model's train/eval mode; so does its probability here.
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    if _is_nf4_base(base):  # bitsandbytes' Params4bit, read in place
+    dora = _is_dora(self, adapter)
+    if _is_nf4_base(base) and not dora:  # bitsandbytes' Params4bit, read in place
         return qlora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                             self.scaling[adapter], p)
+    if _is_nf4_base(base):
+        # QDoRA: the NF4 weight dequantised to x's dtype on every call (bit for bit bitsandbytes'
+        # dequantize_4bit), as PEFT's DoRA does over a Linear4bit; not fused yet.
+        weight = NF4Weight.from_bnb(base.weight).dequantize(x.dtype)
+        return dora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                           self.lora_magnitude_vector[adapter].weight, self.scaling[adapter], p)
     weight = base.weight.t() if is_conv1d(base) else base.weight  # Conv1D stores [in, out]
-    if _is_dora(self, adapter):
+    if dora:
         # Created on first use: an adapter can become DoRA (add_adapter, set_adapter) after patch.
         sqnorm = self.__dict__.setdefault(_SQNORM_CACHE, RowSqNormCache())(weight)
         return dora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
@@ -193,11 +199,12 @@ def patch(peft_model: nn.Module) -> PatchReport:
     Each ``peft.tuners.lora.Linear`` over an ``nn.Linear`` or a ``Conv1D`` (PEFT's
     ``fan_in_fan_out``), and each LoRA layer over a bitsandbytes NF4 ``Linear4bit`` (QLoRA, run
     by ``qlora_linear`` on the ``Params4bit`` in place), with one active plain-LoRA adapter gets a
-    fused forward; so does a ``peft.tuners.lora.Linear`` whose active adapter is DoRA
-    (``use_dora=True``, run by ``dora_linear`` with PEFT's ``lora_magnitude_vector``; ‖W‖²_row is
-    cached on the layer and recomputed when the base weight changes). Parameters and their names
-    are untouched. Layers left on PEFT's path, with the reason in the report: LoRA variants other
-    than DoRA, DoRA over a bitsandbytes 4-bit base, several active adapters, merged weights,
+    fused forward; so does a layer whose active adapter is DoRA (``use_dora=True``, run by
+    ``dora_linear`` with PEFT's ``lora_magnitude_vector``; ‖W‖²_row is cached on the layer and
+    recomputed when the base weight changes; over an NF4 ``Linear4bit`` (QDoRA) the weight is
+    dequantised on each call, as PEFT does, not fused yet). Parameters and their names are
+    untouched. Layers left on PEFT's path, with the reason in the report: LoRA variants other
+    than DoRA, several active adapters, merged weights,
     ``lora_bias``, LoRA weights (or a DoRA magnitude) in another dtype than the base computes in,
     FP4 bases, other layer types (Embedding, Conv2d, 8-bit layers, ...). Dropout: the adapter's
     ``lora_dropout`` probability, in training mode only (the masks are deltakern's, not PEFT's).

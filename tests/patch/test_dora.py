@@ -362,10 +362,11 @@ def _bnb_llama(bnb, seed=0):
     return model
 
 
-def test_qdora_matches_peft_over_bitsandbytes_and_patch_leaves_it_to_peft(calls):
+def test_qdora_matches_peft_over_bitsandbytes_and_patch_routes_it(calls):
     """add_lora(use_dora=True, quantize_base="nf4") starts with PEFT's magnitudes (‖dequant W‖)
     and gives the outputs and gradients of PEFT's DoRA over bitsandbytes' Linear4bit (same NF4
-    bytes); patch() leaves PEFT's DoRA over a 4-bit base on PEFT's path, saying why."""
+    bytes); patch() routes PEFT's DoRA over an NF4 Linear4bit through dora_linear with the same
+    outputs and gradients."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(1)
     theirs = get_peft_model(_bnb_llama(bnb), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=LLAMA_TARGETS,
@@ -390,11 +391,18 @@ def test_qdora_matches_peft_over_bitsandbytes_and_patch_leaves_it_to_peft(calls)
     expected = forward_backward(theirs, "llama")
     torch.testing.assert_close(forward_backward(ours, "llama"), expected, **TOL)
     assert_same_dora_grads(our_layers, their_layers)
+    peft_grads = {name: [p.grad.clone() for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                                  layer.lora_magnitude_vector["default"].weight)]
+                  for name, layer in their_layers.items()}
     report = deltakern.patch(theirs)
-    assert report.patched == [] and len(report.skipped) == 14
-    assert {why for _, why in report.skipped} == {"DoRA over a bitsandbytes 4-bit base (not fused yet)"}
-    torch.testing.assert_close(logits(theirs, "llama"), expected, atol=0, rtol=0)
-    assert calls["n"] == 0
+    assert len(report.patched) == 14 and report.skipped == []
+    torch.testing.assert_close(forward_backward(theirs, "llama"), expected, **TOL)
+    assert calls["n"] == 14
+    for name, layer in their_layers.items():
+        patched = (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                   layer.lora_magnitude_vector["default"].weight)
+        for got, want in zip(patched, peft_grads[name]):
+            torch.testing.assert_close(got.grad, want, **TOL)
 
 
 def test_use_dora_must_be_a_bool():
