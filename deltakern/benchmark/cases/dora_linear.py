@@ -41,7 +41,7 @@ from ..harness import (
 )
 from .lora_linear import LoraShape
 
-# The layer of the DoRA performance targets (DESIGN: M=2048, in=out=1024, r=16), with dropout on
+# The layer of the DoRA performance targets (M=2048, in=out=1024, r=16), with dropout on
 # (PEFT's slow branch: a second base GEMM on the dropped input) and off.
 DEFAULT_SHAPES = (LoraShape(2048, 1024, 1024, 16, 0.1), LoraShape(2048, 1024, 1024, 16, 0.0))
 # Both PEFT branches, small: the dropout one and the base-result one.
