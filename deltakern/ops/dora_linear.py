@@ -106,7 +106,7 @@ def _weight_grad(grad_out, x, scale, dropout_p, seed):
     ``dYᵀ x + ((c − 1) ⊙ dY)ᵀ drop(x)``; the norm is a constant, as in PEFT."""
     if dropout_p == 0.0:
         return (grad_out * scale).to(grad_out.dtype).t().mm(x)
-    dropped = reference_dropout(x, dropout_p, int(seed.item()))
+    dropped = reference_dropout(x, dropout_p, seed)  # the seed tensor itself: no .item() under torch.compile
     return grad_out.t().mm(x) + (grad_out * (scale - 1)).to(grad_out.dtype).t().mm(dropped)
 
 

@@ -30,9 +30,12 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32_10(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Four uint32 words (as int64 tensors) of Philox4x32-10 for each int64 ``counter``."""
-    seed &= (1 << 64) - 1
+def philox4x32_10(seed: int | torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Four uint32 words (as int64 tensors) of Philox4x32-10 for each int64 ``counter``. ``seed``
+    is an int or a 0-d int64 tensor in [0, 2**63) (the ops' seed tensor, read without ``.item()``
+    so torch.compile keeps it in the graph)."""
+    if isinstance(seed, int):
+        seed &= (1 << 64) - 1
     counter = counter.to(torch.int64)
     c0 = counter & _MASK32
     c1 = (counter >> 32) & _MASK32
@@ -55,7 +58,7 @@ def philox_uniform(bits: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+def dropout_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Bool ``[rows, cols]`` keep-mask of deltakern's dropout for ``seed`` and probability ``p``."""
     numel = rows * cols
     counter = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)

@@ -20,6 +20,7 @@ from deltakern.reference.dora_linear import dora_linear as reference_dora_linear
 from deltakern.reference.dora_linear import dora_weight_norm as reference_weight_norm
 from deltakern.reference.lora_linear import dropout as reference_dropout
 from tests.allocations import largest_allocation
+from tests.compile_check import assert_compiled_step_matches_eager
 from tests.tolerances import assert_backend_matches_reference
 
 SEED = 2468
@@ -165,6 +166,38 @@ def test_leading_dims_and_transposed_weight():
         with deltakern.use_backend(backend):
             got = deltakern.dora_linear(x, stored.t(), *args)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_torch_compile_fullgraph(backend, dropout_p):
+    """One graph, eager's loss and gradients, W trainable too (its dropout term reads the seed
+    tensor without .item())."""
+    i = make_inputs(7, 33, 13, 4)
+    tensors = [i[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude")]
+
+    def step(x, w, b, a, bb, m):
+        return deltakern.dora_linear(x, w, b, a, bb, m, 1.5, dropout_p, seed=SEED).square().sum()
+
+    assert_compiled_step_matches_eager(step, tensors, backend)
+
+
+def test_inductor_compiles_the_trainable_weight_dropout_gradient():
+    """Inductor traces the backward jointly: the weight's dropout term must not read the seed with
+    .item() (a data-dependent guard there fails the compile)."""
+    i = make_inputs(7, 33, 13, 4)
+    leaves = [i[k].float().requires_grad_(True) for k in ("x", "weight", "lora_A", "lora_B", "magnitude")]
+    x, w, a, bb, m = leaves
+    loss = deltakern.dora_linear(x, w, None, a, bb, m, 1.5, 0.1, seed=SEED).square().sum()
+    loss.backward()
+    eager = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    compiled = torch.compile(lambda *t: deltakern.dora_linear(t[0], t[1], None, *t[2:], 1.5, 0.1, seed=SEED)
+                             .square().sum(), fullgraph=True)
+    compiled(*leaves).backward()
+    for name, got, want in zip(("x", "weight", "lora_A", "lora_B", "magnitude"), (t.grad for t in leaves), eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda msg, name=name: f"d{name}: {msg}")
 
 
 # ------------------------------------------------------------------------------------------------
