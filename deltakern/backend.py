@@ -160,13 +160,23 @@ def _choose_unguarded(op: str, device_type: str) -> str:
     return _choose(op, device_type, _forced.get(), os.environ.get(ENV_VAR, ""), True)
 
 
+def _op_unavailable_reason(op: str, name: str, device_type: str) -> str | None:
+    """unavailable_reason, and for the extension's backends whether it has ``op``'s kernels: an
+    extension built before the op was added loads but lacks them."""
+    reason = unavailable_reason(name, device_type)
+    if reason is None and name in ("cpu", "cuda") and not hasattr(torch.ops.deltakern, f"{op}_fwd"):
+        return (f"deltakern._C has no {op} kernels (built before the op was added); rebuild it: "
+                f"pip install --no-build-isolation -e .")
+    return reason
+
+
 @torch.compiler.assume_constant_result
 def _choose(op: str, device_type: str, context_name: str | None, env: str, compiling: bool) -> str:
     """select_backend's choice for a given forced backend; a constant under torch.compile."""
     try:
         forced = _forced_from(context_name, env)
         if forced is not None:
-            reason = unavailable_reason(forced, device_type)
+            reason = _op_unavailable_reason(op, forced, device_type)
             if reason is not None:
                 raise BackendUnavailableError(f"deltakern.{op}: backend {forced!r} is forced but unavailable: {reason}")
             return forced
@@ -175,7 +185,7 @@ def _choose(op: str, device_type: str, context_name: str | None, env: str, compi
             raise
         raise _passed_by_dynamo(type(error))(str(error)) from None
     for name in _AUTO_ORDER.get(device_type, ("reference",)):
-        if unavailable_reason(name, device_type) is None:
+        if _op_unavailable_reason(op, name, device_type) is None:
             return name
     return "reference"
 

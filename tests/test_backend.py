@@ -218,3 +218,14 @@ def test_without_context_var_support_the_choice_is_baked_in(monkeypatch):
     with deltakern.use_backend("cpu"):
         compiled(x)
     assert rec.ran[-1] == "cpu"
+
+
+@pytest.mark.skipif(unavailable_reason("cpu", "cpu") is not None, reason="needs the extension's CPU kernels")
+def test_an_op_missing_from_the_extension_falls_back_or_names_the_rebuild():
+    """An extension built before an op was added loads, but has no kernels of that op: the
+    automatic choice takes the next backend, a forced one says to rebuild."""
+    assert select_backend("lora_linear", "cpu") == "cpu"
+    assert select_backend("newer_linear", "cpu") == "reference"
+    with deltakern.use_backend("cpu"), pytest.raises(deltakern.BackendUnavailableError,
+                                                     match="deltakern._C has no newer_linear kernels"):
+        select_backend("newer_linear", "cpu")
