@@ -16,29 +16,15 @@ namespace deltakern {
 constexpr int kKeepBlockCounters = 64;
 constexpr int64_t kKeepBlockElements = 4 * kKeepBlockCounters;
 
-// keep[i] = 1 for the kept elements 4 * first_counter + i (i < 4 * kCounters), 0 for the dropped
-// ones; threshold is dropout_threshold(p). Always inlined, so that each caller compiles it inside
-// its own target_clones function, where the Philox rounds vectorize (an outlined copy is compiled
-// for the baseline target and runs scalar).
-template <int kCounters>
-inline __attribute__((always_inline)) void keep_counters(uint64_t seed, uint64_t first_counter, uint32_t threshold,
-                                                         uint8_t* keep) {
-  uint32_t c0[kCounters], c1[kCounters], c2[kCounters], c3[kCounters];
-  philox4x32_10_block(seed, first_counter, c0, c1, c2, c3);
-  for (int i = 0; i < kCounters; ++i) {
-    keep[4 * i + 0] = philox_fold(c0[i]) >= threshold;
-    keep[4 * i + 1] = philox_fold(c1[i]) >= threshold;
-    keep[4 * i + 2] = philox_fold(c2[i]) >= threshold;
-    keep[4 * i + 3] = philox_fold(c3[i]) >= threshold;
-  }
-}
-
-// keep_counters for kRuns runs of kRunCounters consecutive counter groups that need not follow
+// The keep bits of kRuns runs of kRunCounters consecutive counter groups that need not follow
 // each other (run j starts at group first[j]; say, one run per row of a column chunk):
-// keep[4 * (j * kRunCounters + i) + l] is the bit of element 4 * (first[j] + i) + l. The rounds
-// are philox4x32_10_block's, on counters it cannot take (it numbers them first + i), in one loop
+// keep[4 * (j * kRunCounters + i) + l] is the bit of element 4 * (first[j] + i) + l, 1 for a kept
+// element and 0 for a dropped one; threshold is dropout_threshold(p). The rounds run in one loop
 // over all the runs' counters: NOTE GCC fully unrolls a block of 16 counters or fewer and then
 // leaves it scalar, 20 ns per counter against 8.7 ns in a vectorized loop of 64 (AVX2, one core).
+// Always inlined, so that each caller compiles it inside its own target_clones function, where
+// the Philox rounds vectorize (an outlined copy is compiled for the baseline target and runs
+// scalar).
 template <int kRuns, int kRunCounters>
 inline __attribute__((always_inline)) void keep_counter_runs(uint64_t seed, const uint64_t* first, uint32_t threshold,
                                                              uint8_t* keep) {
@@ -51,28 +37,20 @@ inline __attribute__((always_inline)) void keep_counter_runs(uint64_t seed, cons
     c2[i] = 0;
     c3[i] = 0;
   }
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    for (int i = 0; i < kCounters; ++i) {
-      const uint64_t prod_b = static_cast<uint64_t>(kPhiloxRoundB) * c2[i];
-      const uint64_t prod_a = static_cast<uint64_t>(kPhiloxRoundA) * c0[i];
-      const uint32_t next_c0 = static_cast<uint32_t>(prod_b >> 32) ^ c1[i] ^ k0;
-      const uint32_t next_c2 = static_cast<uint32_t>(prod_a >> 32) ^ c3[i] ^ k1;
-      c1[i] = static_cast<uint32_t>(prod_b);
-      c3[i] = static_cast<uint32_t>(prod_a);
-      c0[i] = next_c0;
-      c2[i] = next_c2;
-    }
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
+  philox4x32_10_rounds(seed, c0, c1, c2, c3);
   for (int i = 0; i < kCounters; ++i) {
     keep[4 * i + 0] = philox_fold(c0[i]) >= threshold;
     keep[4 * i + 1] = philox_fold(c1[i]) >= threshold;
     keep[4 * i + 2] = philox_fold(c2[i]) >= threshold;
     keep[4 * i + 3] = philox_fold(c3[i]) >= threshold;
   }
+}
+
+// The keep bits of the elements 4 * first_counter + i (i < 4 * kCounters): one run.
+template <int kCounters>
+inline __attribute__((always_inline)) void keep_counters(uint64_t seed, uint64_t first_counter, uint32_t threshold,
+                                                         uint8_t* keep) {
+  keep_counter_runs<1, kCounters>(seed, &first_counter, threshold, keep);
 }
 
 // keep_counters<kKeepBlockCounters>, vectorized for the CPU it runs on (csrc/cpu/lora_linear.cpp).

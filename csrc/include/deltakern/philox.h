@@ -81,18 +81,13 @@ DELTAKERN_HD uint32_t dropout_threshold(float p) {
   return lo;
 }
 
-// Philox4x32-10 of N consecutive counters in structure-of-arrays form, so a compiler can
-// vectorize the rounds (the scalar version cost 38 ns per counter on the CPU kernels).
+// Philox4x32-10 of N counters in structure-of-arrays form, in place: on entry (c0, c1) hold each
+// counter's (low, high) words and c2 = c3 = 0, on return the four output words. Arrays rather than
+// one call per counter so that a compiler can vectorize the rounds (the scalar version cost 38 ns
+// per counter on the CPU kernels).
 template <int N>
-DELTAKERN_HD void philox4x32_10_block(uint64_t seed, uint64_t first_counter, uint32_t (&c0)[N],
-                                uint32_t (&c1)[N], uint32_t (&c2)[N], uint32_t (&c3)[N]) {
-  for (int i = 0; i < N; ++i) {
-    const uint64_t counter = first_counter + static_cast<uint64_t>(i);
-    c0[i] = static_cast<uint32_t>(counter);
-    c1[i] = static_cast<uint32_t>(counter >> 32);
-    c2[i] = 0;
-    c3[i] = 0;
-  }
+DELTAKERN_HD void philox4x32_10_rounds(uint64_t seed, uint32_t (&c0)[N], uint32_t (&c1)[N], uint32_t (&c2)[N],
+                                       uint32_t (&c3)[N]) {
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
