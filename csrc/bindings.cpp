@@ -14,6 +14,7 @@
 #include "lora_linear.h"
 #include "prefix_attention.h"
 #include "qlora_linear.h"
+#include "segmented_lora_linear.h"
 
 // The dropout seed is a one-element int64 CPU tensor rather than an int, so that drawing it
 // (torch.randint) stays inside a torch.compile graph instead of breaking it with .item().
@@ -43,6 +44,15 @@ TORCH_LIBRARY(deltakern, m) {
   m.def(
       "dora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor scale, "
       "Tensor xa, Tensor z, float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  // segmented_lora_linear: adapter i's rows are order[offsets[i]:offsets[i+1]]; xa[i] is
+  // [M_i, r_i]; seeds holds one dropout seed per adapter (an int64 CPU tensor, as lora_linear's).
+  m.def(
+      "segmented_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor[] lora_A, Tensor[] lora_B, "
+      "float[] scalings, float[] dropout_p, Tensor order, int[] offsets, Tensor seeds) -> (Tensor, Tensor[])");
+  m.def(
+      "segmented_lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor[] lora_A, Tensor[] lora_B, "
+      "Tensor[] xa, float[] scalings, float[] dropout_p, Tensor order, int[] offsets, Tensor seeds) "
+      "-> (Tensor, Tensor[], Tensor[])");
   m.def(
       "nf4_dequantize(Tensor packed, Tensor absmax, Tensor code, int blocksize, int rows, int cols, "
       "ScalarType dtype) -> Tensor");
@@ -78,6 +88,8 @@ TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
   m.impl("nf4_dequantize", &deltakern::nf4_dequantize_cpu);
   m.impl("dora_linear_fwd", &deltakern::dora_linear_fwd_cpu);
   m.impl("dora_linear_bwd", &deltakern::dora_linear_bwd_cpu);
+  m.impl("segmented_lora_linear_fwd", &deltakern::segmented_lora_linear_fwd_cpu);
+  m.impl("segmented_lora_linear_bwd", &deltakern::segmented_lora_linear_bwd_cpu);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cpu);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cpu);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cpu);
@@ -95,6 +107,8 @@ TORCH_LIBRARY_IMPL(deltakern, CUDA, m) {
   m.impl("nf4_dequantize", &deltakern::nf4_dequantize_cuda);
   m.impl("dora_linear_fwd", &deltakern::dora_linear_fwd_cuda);
   m.impl("dora_linear_bwd", &deltakern::dora_linear_bwd_cuda);
+  m.impl("segmented_lora_linear_fwd", &deltakern::segmented_lora_linear_fwd_cuda);
+  m.impl("segmented_lora_linear_bwd", &deltakern::segmented_lora_linear_bwd_cuda);
   m.impl("prefix_attention_fwd", &deltakern::prefix_attention_fwd_cuda);
   m.impl("prefix_attention_bwd", &deltakern::prefix_attention_bwd_cuda);
   m.impl("adapter_fwd", &deltakern::adapter_fwd_cuda);

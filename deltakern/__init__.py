@@ -2,7 +2,17 @@
 
 from . import nf4, nn, prompts
 from .backend import BACKENDS, BackendUnavailableError, use_backend
-from .ops import adapter, dora_linear, ia3_linear, lora_linear, prefix_attention, qlora_linear
+from .ops import (
+    LoraSegments,
+    adapter,
+    dora_linear,
+    ia3_linear,
+    lora_linear,
+    lora_segments,
+    prefix_attention,
+    qlora_linear,
+    segmented_lora_linear,
+)
 from .patch import (
     PatchReport,
     TrainableParameters,
@@ -30,4 +40,5 @@ __all__ = [
     "add_lora", "add_prefix", "add_prompt", "fold_prompt_encoder", "load", "lora_linear", "merge_lora", "nn",
     "nf4", "patch", "prefix_attention", "qlora_linear", "quantize", "save",
     "trainable_parameters", "unpatch", "use_backend", "__version__",
+    "LoraSegments", "lora_segments", "segmented_lora_linear",
 ]
