@@ -32,9 +32,9 @@ def segmented_lora_linear(
     """
     out = F.linear(x, weight, bias)
     for i, (a, b) in enumerate(zip(lora_A, lora_B)):
+        # An adapter without rows still runs on its empty rows: autograd then gives it zero
+        # gradients, as every backend does, instead of none.
         rows = (adapter_index == i).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
         x_i = dropout(x.index_select(0, rows), dropout_p[i], seeds[i])
         out = out.index_add(0, rows, scalings[i] * F.linear(F.linear(x_i, a), b))
     return out
