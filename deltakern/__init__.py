@@ -16,6 +16,7 @@ from .ops import (
 from .patch import (
     PatchReport,
     TrainableParameters,
+    adapter_parameters,
     add_adapters,
     add_bitfit,
     add_ia3,
@@ -28,6 +29,7 @@ from .patch import (
     patch,
     quantize,
     save,
+    set_adapter,
     trainable_parameters,
     unpatch,
 )
@@ -41,4 +43,5 @@ __all__ = [
     "nf4", "patch", "prefix_attention", "qlora_linear", "quantize", "save",
     "trainable_parameters", "unpatch", "use_backend", "__version__",
     "LoraSegments", "lora_segments", "segmented_lora_linear",
+    "adapter_parameters", "set_adapter",
 ]

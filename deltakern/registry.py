@@ -59,11 +59,19 @@ class PeftFormat:
 
     peft_types: the ``peft_type`` values it loads. save(model) -> (config, state);
     load(model, config, state) -> model. PEFT's format holds one method per checkpoint.
+
+    A method with named adapters (PEFT's multi-adapter layout: ``"default"`` at the root, every
+    other adapter in a subfolder of its name) also declares adapters(model) -> its adapter names
+    ([] when the model's delta is unnamed), save_adapter(model, name) -> (config, state) and
+    load_adapter(model, config, state, name) -> model.
     """
 
     peft_types: tuple[str, ...]
     save: Callable
     load: Callable
+    adapters: Callable | None = None
+    save_adapter: Callable | None = None
+    load_adapter: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from .bitfit import add_bitfit
 from .ia3 import add_ia3
 from .checkpoint import load, save
 from .common import TrainableParameters, trainable_parameters
+from .multi_lora import adapter_parameters, set_adapter
 from .peft_patch import PatchReport, patch, unpatch
 
-__all__ = ["PatchReport", "TrainableParameters", "add_adapters", "add_bitfit", "add_ia3", "add_lora", "add_prefix",
+__all__ = ["PatchReport", "TrainableParameters", "adapter_parameters", "add_adapters", "add_bitfit", "add_ia3", "add_lora", "add_prefix",
            "add_prompt", "fold_prompt_encoder", "load", "merge_lora",
-           "patch", "quantize", "save", "trainable_parameters", "unpatch"]
+           "patch", "quantize", "save", "set_adapter", "trainable_parameters", "unpatch"]

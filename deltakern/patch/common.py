@@ -126,12 +126,21 @@ class TrainableParameters:
         return f"{self.trainable:,} of {self.total:,} parameters are trainable ({100 * self.share:.4f}%)"
 
 
-def trainable_parameters(model: nn.Module) -> TrainableParameters:
-    """Count the trainable and all parameters of ``model``; ``str()`` of the result reads as a sentence."""
+def trainable_parameters(model: nn.Module, adapter_name: str | None = None) -> TrainableParameters:
+    """Count the trainable and all parameters of ``model``; ``str()`` of the result reads as a sentence.
+
+    ``adapter_name``: count as trainable only the trainable parameters of that named LoRA adapter
+    (``add_lora(..., adapter_name=...)``); ``total`` is still the whole model's. An unknown name is
+    a ``ValueError`` listing the model's adapters."""
+    selected = None
+    if adapter_name is not None:
+        from .multi_lora import adapter_parameters
+
+        selected = {id(p) for p in adapter_parameters(model, adapter_name)}
     trainable = total = 0
     for parameter in model.parameters():  # named_parameters de-duplicates tied weights
         total += parameter.numel()
-        if parameter.requires_grad:
+        if parameter.requires_grad and (selected is None or id(parameter) in selected):
             trainable += parameter.numel()
     return TrainableParameters(trainable, total)
 

@@ -12,16 +12,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn import LoRALinear, NF4Linear
+from ..nn import LoRALinear, MultiLoRALinear, NF4Linear
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
 from .common import (
     PEFT_KEY_PREFIX,
     freeze_base,
+    load_checked,
     peft_config_fields,
     peft_model_drawn,
     peft_task_type,
     replace_submodule,
 )
+from .multi_lora import adapter_names, add_named_lora, has_named_lora
 from .targets import ALL_LINEAR, LISTED, resolve_targets
 
 # PEFT's key suffix of DoRA's magnitude vector in a saved state dict (no ".weight": PEFT strips the
@@ -60,7 +62,7 @@ def quantize(model: nn.Module, target_modules: str | list[str] = "all-linear", b
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout_p: float = 0.0,
              target_modules: str | list[str] = "all-linear", use_rslora: bool = False,
-             quantize_base: str | None = None, use_dora: bool = False) -> nn.Module:
+             quantize_base: str | None = None, use_dora: bool = False, adapter_name: str | None = None) -> nn.Module:
     """Replace the targeted linear layers of ``model`` in place by ``LoRALinear`` and freeze the rest.
 
     Each ``nn.Linear`` (weight ``[out, in]``) or transformers ``Conv1D`` (weight ``[in, out]``)
@@ -85,6 +87,16 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout_p: float =
             ``qlora_linear``. Layers that are already ``NF4Linear`` get QLoRA either way.
         use_dora: DoRA (PEFT's ``use_dora=True``); over NF4 layers (QDoRA) the weight is
             dequantised on each forward (not fused yet, see :class:`~deltakern.nn.LoRALinear`).
+        adapter_name: add a named adapter (PEFT's ``add_adapter``); call again with other names
+            (and their own r, alpha, dropout_p, targets, rsLoRA) for several. The targeted layers
+            become :class:`~deltakern.nn.MultiLoRALinear` (parameters ``lora_A.<name>`` /
+            ``lora_B.<name>``); a layer an adapter does not target has no factors of it. The first
+            adapter is active (:func:`deltakern.set_adapter` changes that), and ``model(...,
+            adapter_names=[...])`` / ``model.generate(..., adapter_names=[...])`` pick one adapter
+            per sequence (``"__base__"``: none). A model with unnamed LoRA keeps it as the adapter
+            ``"default"`` (same parameter objects). Not with ``use_dora`` or NF4 bases yet
+            (NotImplementedError). Without ``adapter_name`` everything is as before: ``LoRALinear``
+            layers with ``lora_A`` / ``lora_B``.
 
     Returns:
         ``model`` itself.
@@ -96,6 +108,15 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout_p: float =
     """
     if quantize_base not in (None, "nf4"):
         raise ValueError(f"deltakern.add_lora: quantize_base must be None or 'nf4', got {quantize_base!r}")
+    if adapter_name is not None:
+        if use_dora or quantize_base is not None:
+            option = "use_dora=True" if use_dora else f"quantize_base={quantize_base!r}"
+            raise NotImplementedError(f"deltakern.add_lora: named adapters (adapter_name={adapter_name!r}) do not "
+                                      f"support {option} yet; add DoRA / QLoRA without adapter_name")
+        return add_named_lora(model, adapter_name, r, alpha, dropout_p, target_modules, use_rslora)
+    if has_named_lora(model):
+        raise ValueError(f"deltakern.add_lora: the model has named LoRA adapters {adapter_names(model)}; give the "
+                         f"new one an adapter_name")
     names = resolve_targets(model, target_modules, None, "deltakern.add_lora", strict=True)
     if quantize_base == "nf4":
         quantize(model, names)
@@ -116,6 +137,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model has no ``LoRALinear``.
     """
+    if has_named_lora(model):
+        raise NotImplementedError("deltakern.merge_lora: merging named adapters (MultiLoRALinear) is not "
+                                  "supported yet")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     if not layers:
         raise ValueError(f"deltakern.merge_lora: {type(model).__name__} has no LoRALinear layer to merge")
@@ -125,8 +149,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def has_lora(model: nn.Module) -> bool:
-    """Whether ``model`` holds a deltakern ``LoRALinear``."""
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+    """Whether ``model`` holds a deltakern ``LoRALinear`` or named adapters (``MultiLoRALinear``)."""
+    return any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in model.modules())
 
 
 def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
@@ -154,17 +178,30 @@ def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
         )
     first = layers[0][1]
     use_rslora = first.scaling != first.alpha / first.r
-    config = {
+    config = _peft_config(model, first.r, first.alpha, first.dropout_p, use_rslora, first.use_dora, layers)
+    state = {}
+    for name, layer in layers:
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+        if layer.use_dora:
+            state[f"{PEFT_KEY_PREFIX}{name}.{_MAGNITUDE_KEY}"] = layer.lora_magnitude.detach()
+    return config, state
+
+
+def _peft_config(model: nn.Module, r: int, alpha: float, dropout_p: float, use_rslora: bool, use_dora: bool,
+                 layers: list[tuple[str, nn.Module]]) -> dict:
+    """PEFT's ``adapter_config.json`` of one LoRA adapter on the named ``layers``."""
+    return {
         **peft_config_fields(model, "LORA", peft_task_type(model)),
-        "r": first.r,
-        "lora_alpha": first.alpha,
-        "lora_dropout": first.dropout_p,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout_p,
         "target_modules": sorted(name for name, _ in layers),
         "exclude_modules": None,
         "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
         "bias": "none",
         "use_rslora": use_rslora,
-        "use_dora": first.use_dora,
+        "use_dora": use_dora,
         "lora_bias": False,
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -174,13 +211,69 @@ def peft_lora_checkpoint(model: nn.Module) -> tuple[dict, dict]:
         "alpha_pattern": {},
         "layer_replication": None,
     }
+
+
+def peft_lora_adapter_checkpoint(model: nn.Module, adapter_name: str) -> tuple[dict, dict]:
+    """PEFT's ``adapter_config.json`` contents and state dict for the named adapter
+    ``adapter_name`` of ``model`` (what ``PeftModel.save_pretrained`` writes for one adapter: keys
+    ``base_model.model.<name>.lora_A.weight`` / ``lora_B.weight``, the adapter name left out).
+
+    Raises:
+        ValueError: no layer holds the adapter.
+        NotImplementedError: the adapter's layers differ in r, alpha or dropout (add_lora never
+            makes such an adapter).
+    """
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, MultiLoRALinear) and adapter_name in m.adapter_names]
+    if not layers:
+        raise ValueError(f"deltakern.save: no layer of {type(model).__name__} holds the adapter {adapter_name!r}; "
+                         f"its adapters are {adapter_names(model)}")
+    settings = {(m.r[adapter_name], m.alpha[adapter_name], m.dropout_p[adapter_name], m.scaling[adapter_name])
+                for _, m in layers}
+    if len(settings) > 1:
+        raise NotImplementedError(f"deltakern.save: the layers of adapter {adapter_name!r} differ in "
+                                  f"(r, alpha, dropout_p, scaling): {sorted(settings)}")
+    r, alpha, dropout_p, scaling = settings.pop()
+    config = _peft_config(model, r, alpha, dropout_p, scaling != alpha / r, False, layers)
     state = {}
     for name, layer in layers:
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
-        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
-        if layer.use_dora:
-            state[f"{PEFT_KEY_PREFIX}{name}.{_MAGNITUDE_KEY}"] = layer.lora_magnitude.detach()
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].detach()
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].detach()
     return config, state
+
+
+def load_peft_lora_adapter(model: nn.Module, config: dict, state: dict, adapter_name: str) -> nn.Module:
+    """Add the LoRA adapter a PEFT ``adapter_config.json`` describes to ``model`` as the named
+    adapter ``adapter_name`` (PEFT's ``load_adapter``) and load its weights from ``state``.
+
+    Raises:
+        NotImplementedError: the config uses an option deltakern does not reproduce, or DoRA
+            (named adapters are plain LoRA).
+        ValueError: no layer matches, the name is taken, or the state dict lacks keys, has extra
+            keys or wrong shapes (nothing is added then).
+    """
+    _check_config(config)
+    if config.get("use_dora"):
+        raise NotImplementedError("deltakern.load: named adapters do not support DoRA yet; load this checkpoint "
+                                  "without adapter_name")
+    names = resolve_targets(model, config.get("target_modules"), config.get("exclude_modules"), "deltakern.load",
+                            strict=False, wrapped=(MultiLoRALinear, LoRALinear))
+    expected = {f"{PEFT_KEY_PREFIX}{name}.lora_{part}.weight" for name in names for part in "AB"}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"deltakern.load: the LoRA weights do not fit the layers the config targets; "
+            f"missing keys: {missing[:LISTED]}, unexpected keys: {unexpected[:LISTED]}"
+        )
+    add_named_lora(model, adapter_name, config["r"], config.get("lora_alpha", 8), config.get("lora_dropout", 0.0),
+                   names, bool(config.get("use_rslora", False)))
+    targets = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        targets[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name]
+        targets[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name]
+    load_checked("deltakern.load", "LoRA", targets, state)
+    return model
 
 
 # LoraConfig options deltakern cannot reproduce, with the value each must have.
@@ -313,7 +406,8 @@ def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Para
 
 register_method(MethodSpec(
     name="lora", label="LoRA", present=has_lora,
-    checkpoint=PeftFormat(("LORA",), save=peft_lora_checkpoint, load=load_peft_lora),
+    checkpoint=PeftFormat(("LORA",), save=peft_lora_checkpoint, load=load_peft_lora, adapters=adapter_names,
+                          save_adapter=peft_lora_adapter_checkpoint, load_adapter=load_peft_lora_adapter),
     e2e=E2EProviders(
         reference=_e2e_reference,
         deltakern=lambda base: add_lora(base, r=E2E_R, alpha=E2E_ALPHA, dropout_p=E2E_DROPOUT_P, target_modules=ALL_LINEAR),

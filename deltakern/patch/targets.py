@@ -24,11 +24,15 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, NF4Linear)) or is_conv1d(module)
 
 
-def _linear_names(model: nn.Module) -> list[str]:
+def _linear_names(model: nn.Module, wrapped: tuple[type, ...] = ()) -> list[str]:
     """Qualified names of the ``nn.Linear`` / ``Conv1D`` layers of ``model`` that are not inside a
-    deltakern delta module: no LoRA on LoRA, on an adapter's projections or a prefix encoder's MLP."""
-    inside = {id(sub) for m in model.modules() if isinstance(m, DeltaModule) for sub in m.modules()}
-    return [name for name, module in model.named_modules() if _is_linear(module) and id(module) not in inside]
+    deltakern delta module: no LoRA on LoRA, on an adapter's projections or a prefix encoder's MLP.
+    A delta module of a type in ``wrapped`` counts as the linear layer it wraps, at its own name
+    (named LoRA adapters go into layers that already hold LoRA)."""
+    # Modules strictly inside a delta module (a delta module itself is not inside itself).
+    inside = {id(sub) for m in model.modules() if isinstance(m, DeltaModule) for sub in m.modules() if sub is not m}
+    return [name for name, module in model.named_modules() if id(module) not in inside
+            and ((_is_linear(module) and not isinstance(module, DeltaModule)) or isinstance(module, wrapped))]
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
@@ -53,15 +57,17 @@ def _some_linear(names: list[str]) -> str:
     return f"{shown}, ... ({len(names)} in all)" if len(names) > LISTED else shown or "none"
 
 
-def resolve_targets(model: nn.Module, target_modules, exclude_modules, caller: str, strict: bool) -> list[str]:
+def resolve_targets(model: nn.Module, target_modules, exclude_modules, caller: str, strict: bool,
+                    wrapped: tuple[type, ...] = ()) -> list[str]:
     """Qualified names of the linear layers ``target_modules`` selects, in module order.
 
     ``target_modules``: ``"all-linear"``, a list of name suffixes, or (``strict=False``, for PEFT
     configs) another string, a regular expression the whole name must match. ``strict``: every
     suffix must match a linear layer (``add_lora``); otherwise at least one layer must match
     (PEFT's rule when loading). ``exclude_modules``: None, a list of suffixes or a regex string.
+    ``wrapped``: delta module types that count as the linear layer they wrap (see ``_linear_names``).
     """
-    linear = _linear_names(model)
+    linear = _linear_names(model, wrapped)
     if isinstance(target_modules, str):
         if target_modules.lower() == ALL_LINEAR:
             excluded = _output_layer_names(model)
