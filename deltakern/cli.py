@@ -133,27 +133,27 @@ class _ClearingWriter:
 
 
 E2E = "e2e"  # the end-to-end training step of every delta method: a suite, not an op
+# The end-to-end suites, by --ops name: their modules (which need transformers and PEFT) are
+# imported only when asked for. e2e-multi: many LoRA adapters in one batch.
+E2E_SUITES = {E2E: "deltakern.benchmark.e2e", "e2e-multi": "deltakern.benchmark.e2e_multi"}
 
 
 def _suite_names() -> list[str]:
-    """The ``--ops`` names: every registered op's, in registry order, then the end-to-end step."""
-    return [spec.cli_name for spec in ops().values()] + [E2E]
+    """The ``--ops`` names: every registered op's, in registry order, then the end-to-end suites."""
+    return [spec.cli_name for spec in ops().values()] + list(E2E_SUITES)
 
 
 def _suite(name: str):
-    """The ``BenchSuite`` of ``--ops`` name ``name``; the end-to-end one (which needs transformers
-    and PEFT) is imported only when asked for."""
-    if name == E2E:
-        from .benchmark.e2e import SUITE
-
-        return SUITE
+    """The ``BenchSuite`` of ``--ops`` name ``name``."""
+    if name in E2E_SUITES:
+        return importlib.import_module(E2E_SUITES[name]).SUITE
     return op_by_cli_name(name).bench_module().SUITE
 
 
 def _needed_modules(ops: list[str]) -> list[str]:
     """What a run of ``ops`` imports beyond deltakern's own dependencies: matplotlib for the
     charts, transformers and PEFT for the end-to-end models. Checked before anything is timed."""
-    return ["matplotlib"] + (["transformers", "peft"] if E2E in ops else [])
+    return ["matplotlib"] + (["transformers", "peft"] if any(op in E2E_SUITES for op in ops) else [])
 
 
 def _bench(args) -> int:
@@ -178,7 +178,7 @@ def _bench(args) -> int:
         return 2
     missing = [name for name in _needed_modules(ops) if importlib.util.find_spec(name) is None]
     if missing:
-        without_e2e = ",".join(op for op in known if op != E2E)
+        without_e2e = ",".join(op for op in known if op not in E2E_SUITES)
         print(f"deltakern bench: needs {', '.join(missing)}, not installed: pip install 'deltakern[bench]'"
               + (f" (or leave e2e out: --ops {without_e2e})" if "matplotlib" not in missing else ""), file=sys.stderr)
         return 2

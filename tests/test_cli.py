@@ -131,7 +131,7 @@ def test_bench_shapes_file_replaces_the_shapes_of_the_ops_it_names(tmp_path, cap
 @pytest.mark.parametrize("data, message", [
     ("{not json", "not valid JSON"),
     ([1, 2], "expected a JSON object mapping ops"),
-    ({"lora2": [{}]}, "unknown op 'lora2'; expected one of lora, prefix, adapter, ia3, qlora, dora, e2e"),
+    ({"lora2": [{}]}, "unknown op 'lora2'; expected one of lora, prefix, adapter, ia3, qlora, dora, multi-lora, e2e, e2e-multi"),
     ({"lora": {}}, "'lora' must be a non-empty list of objects"),
     ({"lora": [{"m": 64, "in_features": 48, "out_features": 32, "r": 4}]}, "lora[0]: missing field(s) dropout_p"),
     ({"adapter": [{"m": 8, "d": 8, "r": 2}, {"m": 8, "d": 8, "r": 2, "rank": 3}]}, "adapter[1]: unknown field(s) rank"),

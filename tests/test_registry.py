@@ -65,8 +65,10 @@ def op_problems(spec: OpSpec) -> list[str]:
 
 
 def test_the_registry_lists_every_op_and_method():
-    assert list(ops()) == ["lora_linear", "prefix_attention", "adapter", "ia3_linear", "qlora_linear", "dora_linear"]
-    assert [spec.cli_name for spec in ops().values()] == ["lora", "prefix", "adapter", "ia3", "qlora", "dora"]
+    assert list(ops()) == ["lora_linear", "prefix_attention", "adapter", "ia3_linear", "qlora_linear", "dora_linear",
+                          "segmented_lora_linear"]
+    assert [spec.cli_name for spec in ops().values()] == ["lora", "prefix", "adapter", "ia3", "qlora", "dora",
+                                                          "multi-lora"]
     assert list(methods()) == ["lora", "qlora", "dora", "prefix", "adapter", "prompt", "ptuning", "bitfit", "ia3"]
 
 
@@ -121,9 +123,10 @@ def test_registering_twice_raises():
 FACES = ("__init__.py", "bindings.cpp")
 # An op's own files: those whose path names its method (nn/lora.py, patch/ia3.py, ...) or the op.
 # The LoRA variants (QLoRA, DoRA) are built on lora_linear's decomposition and kernels: their
-# files are lora_linear's family.
+# files are lora_linear's family. The segmented (multi-adapter) op's layers are multi_lora.py.
 OWN = {"lora_linear": ("lora", "dora"), "prefix_attention": ("prefix",), "ia3_linear": ("ia3",),
-       "qlora_linear": ("qlora",), "dora_linear": ("dora",)}
+       "qlora_linear": ("qlora",), "dora_linear": ("dora",),
+       "segmented_lora_linear": ("segmented_lora", "multi_lora")}
 
 
 def files_naming(name: str) -> list[str]:
