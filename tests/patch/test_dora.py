@@ -335,7 +335,7 @@ def _float64_magnitude():
 
 
 @pytest.mark.parametrize("make, reason", [
-    (_two_active_dora, "several active adapters"),
+    (_two_active_dora, "several active adapters with DoRA (PEFT chains their magnitude scales; not fused)"),
     (_float64_magnitude, "DoRA magnitude in torch.float64, LoRA weights in torch.float32"),
 ], ids=["two-active", "magnitude-dtype"])
 def test_unfusable_dora_layers_stay_on_peft(make, reason, calls):
