@@ -13,8 +13,10 @@
 // only guard direct calls of torch.ops.deltakern.*.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "segmented_lora_linear.h"
@@ -114,11 +116,31 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> segment
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor x = x_in.contiguous();
   const at::Tensor order = order_in.contiguous();
-  at::Tensor dx = at::mm(grad_out, weight);
+  const size_t n = lora_A.size();
+  // dx starts as the low-rank terms, then the base GEMM adds dY W with beta = 1 (lora_linear's
+  // order): a contiguous segment's dropout kernel writes its rows of dx in place, with no
+  // temporary and no second pass. Rows outside every contiguous segment (rows of no adapter, of
+  // gathered segments) are zeroed first; gathered segments scatter-add onto them.
+  std::vector<int64_t> first_rows(n);
+  std::vector<std::pair<int64_t, int64_t>> covered;  // [first, end) of the contiguous segments
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t count = offsets[i + 1] - offsets[i];
+    first_rows[i] = count > 0 ? contiguous_first_row(order, offsets[i], count) : -1;
+    if (first_rows[i] >= 0) covered.emplace_back(first_rows[i], first_rows[i] + count);
+  }
+  std::sort(covered.begin(), covered.end());
+  at::Tensor dx = at::empty_like(x);
+  int64_t next = 0;
+  for (const auto& [first, end] : covered) {
+    if (first > next) dx.narrow(0, next, first - next).zero_();
+    next = end;
+  }
+  if (next < x.size(0)) dx.narrow(0, next, x.size(0) - next).zero_();
+
   std::vector<at::Tensor> d_lora_A, d_lora_B;
-  d_lora_A.reserve(lora_A.size());
-  d_lora_B.reserve(lora_A.size());
-  for (size_t i = 0; i < lora_A.size(); ++i) {
+  d_lora_A.reserve(n);
+  d_lora_B.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
     const int64_t begin = offsets[i], count = offsets[i + 1] - offsets[i];
     if (count == 0) {
       d_lora_A.push_back(at::zeros(lora_A[i].sizes(), lora_A[i].options()));
@@ -126,33 +148,25 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> segment
       continue;
     }
     const at::Tensor lora_A_i = lora_A[i].contiguous();
-    const int64_t first_row = contiguous_first_row(order, begin, count);
+    const int64_t first_row = first_rows[i];
     const at::Tensor grad_out_i = segment_rows(grad_out, order, begin, count, first_row, rows);
     const at::Tensor x_i = segment_rows(x, order, begin, count, first_row, rows);
     at::Tensor dxa = at::mm(grad_out_i, lora_B[i]).mul_(scalings[i]);
     // dB as (xaᵀ dY)ᵀ, the orientation lora_linear measured faster in MKL.
     d_lora_B.push_back(at::mm(xa[i].t(), grad_out_i).mul_(scalings[i]).t().contiguous());
-    at::Tensor dx_i;
+    at::Tensor dx_i = first_row >= 0 ? dx.narrow(0, first_row, count) : at::empty_like(x_i);
     at::Tensor dA;
     if (dropout_p[i] > 0.0) {
-      dx_i = at::empty_like(x_i);
       dA = at::empty(lora_A_i.sizes(), lora_A_i.options());
       dropout.lowrank_backward(x_i, dxa, lora_A_i, dropout_p[i], seeds.data_ptr<int64_t>()[i], dx_i, dA);
     } else {
       dA = at::mm(dxa.t(), x_i);
+      at::mm_out(dx_i, dxa, lora_A_i);
     }
-    if (first_row >= 0) {
-      at::Tensor dx_rows = dx.narrow(0, first_row, count);
-      if (dx_i.defined()) {
-        dx_rows.add_(dx_i);
-      } else {
-        dx_rows.addmm_(dxa, lora_A_i);
-      }
-    } else {
-      rows.scatter_add(dx_i.defined() ? dx_i : at::mm(dxa, lora_A_i), order.narrow(0, begin, count), 1.0, dx);
-    }
+    if (first_row < 0) rows.scatter_add(dx_i, order.narrow(0, begin, count), 1.0, dx);
     d_lora_A.push_back(std::move(dA));
   }
+  dx.addmm_(grad_out, weight);
   return {dx, d_lora_A, d_lora_B};
 }
 
