@@ -57,6 +57,16 @@ int64_t contiguous_first_row(const at::Tensor& order, int64_t begin, int64_t cou
   return rows[0];
 }
 
+// contiguous_first_row of every adapter's segment (-1 for an empty one).
+std::vector<int64_t> contiguous_first_rows(const at::Tensor& order, at::IntArrayRef offsets) {
+  std::vector<int64_t> first_rows(offsets.size() - 1);
+  for (size_t i = 0; i + 1 < offsets.size(); ++i) {
+    const int64_t count = offsets[i + 1] - offsets[i];
+    first_rows[i] = count > 0 ? contiguous_first_row(order, offsets[i], count) : -1;
+  }
+  return first_rows;
+}
+
 // The rows of `src` [M, C] that segment [begin, begin + count) of order names, as [count, C]:
 // a slice when they are contiguous, else a gathered copy.
 at::Tensor segment_rows(const at::Tensor& src, const at::Tensor& order, int64_t begin, int64_t count,
@@ -65,6 +75,24 @@ at::Tensor segment_rows(const at::Tensor& src, const at::Tensor& order, int64_t 
   at::Tensor dst = at::empty({count, src.size(1)}, src.options());
   rows.gather(src, order.narrow(0, begin, count), dst);
   return dst;
+}
+
+// f(first, count) for every range of rows [0, M) outside the contiguous segments (those whose
+// first_rows[i] >= 0 covers rows first_rows[i] .. first_rows[i] + M_i - 1): the rows of no adapter
+// and of gathered segments.
+template <typename F>
+void for_each_uncovered_range(const std::vector<int64_t>& first_rows, at::IntArrayRef offsets, int64_t M, F&& f) {
+  std::vector<std::pair<int64_t, int64_t>> covered;
+  for (size_t i = 0; i < first_rows.size(); ++i) {
+    if (first_rows[i] >= 0) covered.emplace_back(first_rows[i], first_rows[i] + offsets[i + 1] - offsets[i]);
+  }
+  std::sort(covered.begin(), covered.end());
+  int64_t next = 0;
+  for (const auto& [first, end] : covered) {
+    if (first > next) f(next, first - next);
+    next = end;
+  }
+  if (next < M) f(next, M - next);
 }
 
 }  // namespace
@@ -77,17 +105,31 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segmented_lora_linear_fwd_gemms(
   check_segments(x_in, lora_A, lora_B, scalings, dropout_p, order_in, offsets, seeds);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor order = order_in.contiguous();
-  at::Tensor out = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  const size_t n = lora_A.size();
+  // out starts as b + s_i xa_i B_iᵀ, then the base GEMM adds x Wᵀ with beta = 1 (lora_linear's
+  // order: the GEMM reads each output tile as it writes it, no second pass over out). A
+  // contiguous segment writes its rows in place; the other rows start as b (or 0) and the
+  // gathered segments scatter-add onto them.
+  const std::vector<int64_t> first_rows = contiguous_first_rows(order, offsets);
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  for_each_uncovered_range(first_rows, offsets, x.size(0), [&](int64_t first, int64_t count) {
+    at::Tensor rows_out = out.narrow(0, first, count);
+    if (bias.has_value()) {
+      rows_out.copy_(bias->expand_as(rows_out));
+    } else {
+      rows_out.zero_();
+    }
+  });
   std::vector<at::Tensor> xa;
-  xa.reserve(lora_A.size());
-  for (size_t i = 0; i < lora_A.size(); ++i) {
+  xa.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
     const int64_t begin = offsets[i], count = offsets[i + 1] - offsets[i];
     const at::Tensor lora_A_i = lora_A[i].contiguous();
     if (count == 0) {
       xa.push_back(at::empty({0, lora_A_i.size(0)}, x.options()));
       continue;
     }
-    const int64_t first_row = contiguous_first_row(order, begin, count);
+    const int64_t first_row = first_rows[i];
     const at::Tensor x_i = segment_rows(x, order, begin, count, first_row, rows);
     at::Tensor xa_i;
     if (dropout_p[i] > 0.0) {
@@ -97,12 +139,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segmented_lora_linear_fwd_gemms(
       xa_i = at::mm(x_i, lora_A_i.t());
     }
     if (first_row >= 0) {
-      out.narrow(0, first_row, count).addmm_(xa_i, lora_B[i].t(), /*beta=*/1.0, /*alpha=*/scalings[i]);
+      at::Tensor rows_out = out.narrow(0, first_row, count);
+      if (bias.has_value()) {
+        at::addmm_out(rows_out, *bias, xa_i, lora_B[i].t(), /*beta=*/1.0, /*alpha=*/scalings[i]);
+      } else {
+        rows_out.addmm_(xa_i, lora_B[i].t(), /*beta=*/0.0, /*alpha=*/scalings[i]);
+      }
     } else {
       rows.scatter_add(at::mm(xa_i, lora_B[i].t()), order.narrow(0, begin, count), scalings[i], out);
     }
     xa.push_back(std::move(xa_i));
   }
+  out.addmm_(x, weight.t());
   return {out, xa};
 }
 
@@ -121,21 +169,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> segment
   // order): a contiguous segment's dropout kernel writes its rows of dx in place, with no
   // temporary and no second pass. Rows outside every contiguous segment (rows of no adapter, of
   // gathered segments) are zeroed first; gathered segments scatter-add onto them.
-  std::vector<int64_t> first_rows(n);
-  std::vector<std::pair<int64_t, int64_t>> covered;  // [first, end) of the contiguous segments
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t count = offsets[i + 1] - offsets[i];
-    first_rows[i] = count > 0 ? contiguous_first_row(order, offsets[i], count) : -1;
-    if (first_rows[i] >= 0) covered.emplace_back(first_rows[i], first_rows[i] + count);
-  }
-  std::sort(covered.begin(), covered.end());
+  const std::vector<int64_t> first_rows = contiguous_first_rows(order, offsets);
   at::Tensor dx = at::empty_like(x);
-  int64_t next = 0;
-  for (const auto& [first, end] : covered) {
-    if (first > next) dx.narrow(0, next, first - next).zero_();
-    next = end;
-  }
-  if (next < x.size(0)) dx.narrow(0, next, x.size(0) - next).zero_();
+  for_each_uncovered_range(first_rows, offsets, x.size(0),
+                           [&](int64_t first, int64_t count) { dx.narrow(0, first, count).zero_(); });
 
   std::vector<at::Tensor> d_lora_A, d_lora_B;
   d_lora_A.reserve(n);
