@@ -9,10 +9,14 @@
 //
 // fp32 math for every dtype, with explicit conversion intrinsics because torch builds with
 // __CUDA_NO_HALF_OPERATORS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__. All index math is 64-bit.
-// The per-group and per-chunk pieces are __host__ __device__ so a host program can include
-// this file and check their index logic against a plain loop without a GPU. They carry no
-// #pragma unroll (g++ warns on it): nvcc fully unrolls their constant-trip loops anyway,
-// which keeps the shrink accumulators in registers (same PTX with and without the pragmas).
+// The kernels are thin wrappers around __host__ __device__ bodies that see blockIdx, gridDim and
+// threadIdx only through a column_sum::Lane, and the shrink's __syncthreads and warp shuffles
+// only through a Sync; the launchers' grid, block, shared memory and instantiation come from
+// plain plan functions (shrink_plan, backward_plan). So tests/csrc/lora_cuda_host.cu includes
+// this file and runs the bodies on the CPU with the launchers' own plans. The per-group and
+// per-chunk pieces carry no #pragma unroll (g++ warns on it): nvcc fully unrolls their
+// constant-trip loops anyway, which keeps the shrink accumulators in registers (same PTX with and
+// without the pragmas); the loops that hold a shuffle keep theirs, on the device only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,13 +24,22 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "column_sum.cuh"
 #include "convert.cuh"
 #include "deltakern/lora_params.h"
 #include "deltakern/philox.h"
 #include "lora_linear.cuh"
 
+#if defined(__CUDA_ARCH__)
+#define DK_LORA_UNROLL _Pragma("unroll")
+#else
+#define DK_LORA_UNROLL
+#endif
+
 namespace deltakern {
 namespace {
+
+using column_sum::Lane;
 
 // Dropping multiplies by 0 rather than selecting 0, so NaN and inf propagate as in the
 // reference x * mask / (1 - dropout_p) and the CPU kernels.
@@ -158,49 +171,75 @@ DELTAKERN_HD void accumulate_chunk(const float (*xs)[kShrinkChunk], const T* A, 
   }
 }
 
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kShrinkThreads)
-    lora_dropout_shrink_kernel(const T* __restrict__ x, const T* __restrict__ A,
-                               T* __restrict__ xa, int64_t M, int64_t K, int64_t R, float dropout_p,
-                               float keep_scale, uint64_t seed) {
-  __shared__ float xs[kShrinkRows][kShrinkChunk];
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+// __syncthreads and the warp's xor-shuffle sum of the shrink body on the GPU; the host harness
+// passes its own (barriers of the emulated threads, the same butterfly over their values).
+struct ShrinkDeviceSync {
+  DELTAKERN_HD void block() const {
+#if defined(__CUDA_ARCH__)
+    __syncthreads();
+#endif
+  }
+  DELTAKERN_HD float warp_sum(float v) const {
+#if defined(__CUDA_ARCH__)
+    DK_LORA_UNROLL
+    for (int offset = 16; offset > 0; offset /= 2) {
+      v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+#endif
+    return v;
+  }
+};
+
+// One block of the shrink kernel (see the design above); xs is its __shared__ staging buffer.
+template <typename T, bool kVec, typename Sync>
+DELTAKERN_HD void shrink_body(const Lane& l, const Sync& sync, float (*xs)[kShrinkChunk], const T* x, const T* A,
+                              T* xa, int64_t M, int64_t K, int64_t R, float dropout_p, float keep_scale,
+                              uint64_t seed) {
+  const int warp = static_cast<unsigned>(l.tid) / 32;  // unsigned, as threadIdx.x: no sign fix-up
+  const int lane = static_cast<unsigned>(l.tid) % 32;
   const int64_t row_blocks = (M + kShrinkRows - 1) / kShrinkRows;
   const int64_t r_tiles = (R + kShrinkRTile - 1) / kShrinkRTile;
 
   // Grid-stride over (row block, r tile) so any M and R fit the grid limits. The bounds are
-  // block-uniform, so the __syncthreads below are reached by the whole block.
-  for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
+  // block-uniform, so the block syncs below are reached by the whole block.
+  for (int64_t rt = l.block_y; rt < r_tiles; rt += l.grid_y) {
     const int64_t r_first = rt * kShrinkRTile + warp;
-    for (int64_t rb = blockIdx.x; rb < row_blocks; rb += gridDim.x) {
+    for (int64_t rb = l.block_x; rb < row_blocks; rb += l.grid_x) {
       const int64_t row0 = rb * kShrinkRows;
       float acc[kShrinkRPerWarp][kShrinkRows] = {};
 
       for (int64_t k0 = 0; k0 < K; k0 += kShrinkChunk) {
         const int kc = static_cast<int>(min64(kShrinkChunk, K - k0));
-        __syncthreads();  // the previous chunk's readers are done with xs
-        stage_chunk<T, kVec>(x, M, K, row0, k0, kc, threadIdx.x, dropout_p, keep_scale, seed, xs);
-        __syncthreads();
+        sync.block();  // the previous chunk's readers are done with xs
+        stage_chunk<T, kVec>(x, M, K, row0, k0, kc, l.tid, dropout_p, keep_scale, seed, xs);
+        sync.block();
         accumulate_chunk<T>(xs, A, K, R, k0, kc, r_first, lane, acc);
       }
 
-#pragma unroll
+      DK_LORA_UNROLL
       for (int j = 0; j < kShrinkRPerWarp; ++j) {
         const int64_t r = r_first + static_cast<int64_t>(j) * kShrinkWarps;
         if (r >= R) continue;  // warp-uniform
-#pragma unroll
+        DK_LORA_UNROLL
         for (int b = 0; b < kShrinkRows; ++b) {
-          float v = acc[j][b];
-#pragma unroll
-          for (int offset = 16; offset > 0; offset /= 2) {
-            v += __shfl_xor_sync(0xffffffffu, v, offset);
-          }
+          const float v = sync.warp_sum(acc[j][b]);
           if (lane == 0 && row0 + b < M) xa[(row0 + b) * R + r] = from_float<T>(v);
         }
       }
     }
   }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kShrinkThreads)
+    lora_dropout_shrink_kernel(const T* __restrict__ x, const T* __restrict__ A,
+                               T* __restrict__ xa, int64_t M, int64_t K, int64_t R, float dropout_p,
+                               float keep_scale, uint64_t seed) {
+#if defined(__CUDA_ARCH__)
+  __shared__ float xs[kShrinkRows][kShrinkChunk];
+  shrink_body<T, kVec>(column_sum::this_lane(), ShrinkDeviceSync{}, xs, x, A, xa, M, K, R, dropout_p, keep_scale,
+                       seed);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -224,17 +263,25 @@ DELTAKERN_HD void dropout_backward_group(const T* x, T* dx, T* x_dropped, int64_
   store_group<T, kVec>(dx, c, n, dv);
 }
 
+// One lane's counter groups c = block_x * kBackwardThreads + tid, then every grid's worth on.
+template <typename T, bool kVec>
+DELTAKERN_HD void dropout_backward_body(const Lane& l, const T* x, T* dx, T* x_dropped, int64_t n, float dropout_p,
+                                        float keep_scale, uint64_t seed) {
+  const int64_t groups = (n + 3) / 4;
+  const int64_t stride = l.grid_x * kBackwardThreads;
+  for (int64_t c = l.block_x * kBackwardThreads + l.tid; c < groups; c += stride) {
+    dropout_backward_group<T, kVec>(x, dx, x_dropped, n, c, dropout_p, keep_scale, seed);
+  }
+}
+
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kBackwardThreads)
     lora_dropout_backward_kernel(const T* __restrict__ x, T* __restrict__ dx,
                                  T* __restrict__ x_dropped, int64_t n, float dropout_p,
                                  float keep_scale, uint64_t seed) {
-  const int64_t groups = (n + 3) / 4;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBackwardThreads;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kBackwardThreads + threadIdx.x;
-       c < groups; c += stride) {
-    dropout_backward_group<T, kVec>(x, dx, x_dropped, n, c, dropout_p, keep_scale, seed);
-  }
+#if defined(__CUDA_ARCH__)
+  dropout_backward_body<T, kVec>(column_sum::this_lane(), x, dx, x_dropped, n, dropout_p, keep_scale, seed);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -244,44 +291,91 @@ __global__ void __launch_bounds__(kBackwardThreads)
 // of 256 threads are many waves on any current GPU, so the cap only matters for huge inputs.
 constexpr int64_t kMaxGridDim = 65535;
 
-template <typename T>
-bool vec_aligned(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % (4 * sizeof(T)) == 0;
+// What a launcher launches, decided from its params alone (no CUDA call), so that a host harness
+// runs the kernel bodies with the launcher's own plan and tests the plan.
+struct LaunchPlan {
+  bool launch;            // false: the launcher returns cudaSuccess without launching
+  int64_t grid_x, grid_y;
+  int threads;            // per block
+  int64_t shared_bytes;   // the kernel's static __shared__ memory (no dynamic shared memory)
+  bool vec;               // the kVec instantiation: the vector-accessed pointers are 4-element aligned
+};
+
+// Bytes per element of dtype; 0 for an unknown dtype (the launchers then return cudaErrorInvalidValue).
+inline int64_t dtype_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return 4;
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+  }
+  return 0;
+}
+
+inline bool vec_aligned(const void* ptr, int64_t elem_bytes) {
+  return elem_bytes > 0 && reinterpret_cast<uintptr_t>(ptr) % (4 * elem_bytes) == 0;
+}
+
+// (row blocks, r tiles) over (gridDim.x, gridDim.y), kShrinkThreads, the xs staging buffer; the
+// vector loads of x when x is aligned (A and xa are accessed element by element).
+inline LaunchPlan shrink_plan(const LoraShrinkParams& prm) {
+  const int64_t row_blocks = (prm.M + kShrinkRows - 1) / kShrinkRows;
+  const int64_t r_tiles = (prm.R + kShrinkRTile - 1) / kShrinkRTile;
+  LaunchPlan plan;
+  plan.launch = prm.M != 0 && prm.R != 0;
+  plan.grid_x = std::min(row_blocks, kMaxGridDim);
+  plan.grid_y = std::min(r_tiles, kMaxGridDim);
+  plan.threads = kShrinkThreads;
+  plan.shared_bytes = static_cast<int64_t>(sizeof(float)) * kShrinkRows * kShrinkChunk;
+  plan.vec = vec_aligned(prm.x, dtype_bytes(prm.dtype));
+  return plan;
+}
+
+// Counter groups over gridDim.x blocks of kBackwardThreads; vector accesses when all three
+// tensors are aligned.
+inline LaunchPlan backward_plan(const LoraDropoutBackwardParams& prm) {
+  const int64_t n = prm.M * prm.K;
+  const int64_t groups = (n + 3) / 4;
+  const int64_t bytes = dtype_bytes(prm.dtype);
+  LaunchPlan plan;
+  plan.launch = prm.M != 0 && prm.K != 0;
+  plan.grid_x = std::min((groups + kBackwardThreads - 1) / kBackwardThreads, kMaxGridDim);
+  plan.grid_y = 1;
+  plan.threads = kBackwardThreads;
+  plan.shared_bytes = 0;
+  plan.vec = vec_aligned(prm.x, bytes) && vec_aligned(prm.dx_lowrank, bytes) && vec_aligned(prm.x_dropped, bytes);
+  return plan;
+}
+
+inline dim3 plan_grid(const LaunchPlan& plan) {
+  return dim3(static_cast<unsigned>(plan.grid_x), static_cast<unsigned>(plan.grid_y));
 }
 
 template <typename T>
-cudaError_t shrink_typed(const LoraShrinkParams& prm, cudaStream_t stream) {
-  const int64_t row_blocks = (prm.M + kShrinkRows - 1) / kShrinkRows;
-  const int64_t r_tiles = (prm.R + kShrinkRTile - 1) / kShrinkRTile;
-  const dim3 grid(static_cast<unsigned>(std::min(row_blocks, kMaxGridDim)),
-                  static_cast<unsigned>(std::min(r_tiles, kMaxGridDim)));
+cudaError_t shrink_typed(const LoraShrinkParams& prm, const LaunchPlan& plan, cudaStream_t stream) {
   const T* x = static_cast<const T*>(prm.x);
   const T* A = static_cast<const T*>(prm.lora_A);
   T* xa = static_cast<T*>(prm.xa);
-  if (vec_aligned<T>(x)) {
-    lora_dropout_shrink_kernel<T, true><<<grid, kShrinkThreads, 0, stream>>>(
+  if (plan.vec) {
+    lora_dropout_shrink_kernel<T, true><<<plan_grid(plan), plan.threads, 0, stream>>>(
         x, A, xa, prm.M, prm.K, prm.R, prm.dropout_p, prm.keep_scale, prm.seed);
   } else {
-    lora_dropout_shrink_kernel<T, false><<<grid, kShrinkThreads, 0, stream>>>(
+    lora_dropout_shrink_kernel<T, false><<<plan_grid(plan), plan.threads, 0, stream>>>(
         x, A, xa, prm.M, prm.K, prm.R, prm.dropout_p, prm.keep_scale, prm.seed);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t backward_typed(const LoraDropoutBackwardParams& prm, cudaStream_t stream) {
+cudaError_t backward_typed(const LoraDropoutBackwardParams& prm, const LaunchPlan& plan, cudaStream_t stream) {
   const int64_t n = prm.M * prm.K;
-  const int64_t groups = (n + 3) / 4;
-  const unsigned blocks = static_cast<unsigned>(
-      std::min((groups + kBackwardThreads - 1) / kBackwardThreads, kMaxGridDim));
   const T* x = static_cast<const T*>(prm.x);
   T* dx = static_cast<T*>(prm.dx_lowrank);
   T* xd = static_cast<T*>(prm.x_dropped);
-  if (vec_aligned<T>(x) && vec_aligned<T>(dx) && vec_aligned<T>(xd)) {
-    lora_dropout_backward_kernel<T, true><<<blocks, kBackwardThreads, 0, stream>>>(
+  if (plan.vec) {
+    lora_dropout_backward_kernel<T, true><<<plan_grid(plan), plan.threads, 0, stream>>>(
         x, dx, xd, n, prm.dropout_p, prm.keep_scale, prm.seed);
   } else {
-    lora_dropout_backward_kernel<T, false><<<blocks, kBackwardThreads, 0, stream>>>(
+    lora_dropout_backward_kernel<T, false><<<plan_grid(plan), plan.threads, 0, stream>>>(
         x, dx, xd, n, prm.dropout_p, prm.keep_scale, prm.seed);
   }
   return cudaGetLastError();
@@ -290,22 +384,24 @@ cudaError_t backward_typed(const LoraDropoutBackwardParams& prm, cudaStream_t st
 }  // namespace
 
 cudaError_t launch_lora_dropout_shrink(const LoraShrinkParams& params, cudaStream_t stream) {
-  if (params.M == 0 || params.R == 0) return cudaSuccess;
+  const LaunchPlan plan = shrink_plan(params);
+  if (!plan.launch) return cudaSuccess;
   switch (params.dtype) {
-    case DType::kFloat32: return shrink_typed<float>(params, stream);
-    case DType::kFloat16: return shrink_typed<__half>(params, stream);
-    case DType::kBFloat16: return shrink_typed<__nv_bfloat16>(params, stream);
+    case DType::kFloat32: return shrink_typed<float>(params, plan, stream);
+    case DType::kFloat16: return shrink_typed<__half>(params, plan, stream);
+    case DType::kBFloat16: return shrink_typed<__nv_bfloat16>(params, plan, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_lora_dropout_backward(const LoraDropoutBackwardParams& params,
                                          cudaStream_t stream) {
-  if (params.M == 0 || params.K == 0) return cudaSuccess;
+  const LaunchPlan plan = backward_plan(params);
+  if (!plan.launch) return cudaSuccess;
   switch (params.dtype) {
-    case DType::kFloat32: return backward_typed<float>(params, stream);
-    case DType::kFloat16: return backward_typed<__half>(params, stream);
-    case DType::kBFloat16: return backward_typed<__nv_bfloat16>(params, stream);
+    case DType::kFloat32: return backward_typed<float>(params, plan, stream);
+    case DType::kFloat16: return backward_typed<__half>(params, plan, stream);
+    case DType::kBFloat16: return backward_typed<__nv_bfloat16>(params, plan, stream);
   }
   return cudaErrorInvalidValue;
 }
