@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "column_sum.cuh"
 #include "convert.cuh"
 #include "segmented_lora_linear.cuh"
 
@@ -44,16 +45,6 @@ DELTAKERN_HD void scatter_add_body(const SegmentRowsParams& p, int64_t row0, int
   }
 }
 
-template <typename F>
-cudaError_t with_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 namespace {
 
 template <typename T>
@@ -82,7 +73,7 @@ cudaError_t launch(const SegmentRowsParams& params, cudaStream_t stream) {
   if (params.n == 0 || params.cols == 0) return cudaSuccess;
   const SegmentRowsGeometry g = segment_rows_geometry(params.n, params.cols);
   const dim3 grid(static_cast<unsigned>(g.blocks_x), static_cast<unsigned>(g.blocks_y));
-  return segment_rows_kernels::with_type(params.dtype, [&](auto zero) {
+  return column_sum::with_type(params.dtype, [&](auto zero) {
     Launch<decltype(zero)>::run(grid, params, stream);
     return cudaGetLastError();
   });

@@ -63,6 +63,34 @@ _SEED = 0
 _TOLERANCES = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (5e-2, 5e-2), torch.float16: (5e-2, 5e-2)}
 
 
+def check_model_fields(shape, names: tuple[str, ...]) -> None:
+    """The fields ``names`` of an end-to-end shape are ints >= 1, and its hidden size, attention
+    heads and key/value heads divide as a Llama model needs; ``ValueError`` naming the shape's
+    class otherwise."""
+    owner = type(shape).__name__
+    for name in names:
+        value = getattr(shape, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
+    if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
+        raise ValueError(f"{owner}: hidden ({shape.hidden}) must be a multiple of heads ({shape.heads}) and heads "
+                         f"a multiple of kv_heads ({shape.kv_heads})")
+
+
+def llama_base(shape, dtype: torch.dtype, device: str, positions: int) -> nn.Module:
+    """The Llama-style causal LM of an end-to-end shape (its hidden, layers, heads, kv_heads,
+    intermediate and vocab), random weights from seed _SEED, ``positions`` positions, no cache."""
+    transformers, _ = _require_hf()
+    config = transformers.LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=positions, use_cache=False)
+    torch.manual_seed(_SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class E2EShape:
     """A Llama-style model (``hidden`` size, ``layers``, attention ``heads`` and ``kv_heads``, FFN
@@ -82,13 +110,7 @@ class E2EShape:
     def __post_init__(self):
         if self.method not in methods():
             raise ValueError(f"E2EShape: unknown method {self.method!r}; expected one of {', '.join(methods())}")
-        for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq", "batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"E2EShape: {name} must be an int >= 1, got {value!r}")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"E2EShape: hidden ({self.hidden}) must be a multiple of heads ({self.heads}) and heads "
-                             f"a multiple of kv_heads ({self.kv_heads})")
+        check_model_fields(self, ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq", "batch"))
 
     def __str__(self) -> str:
         return f"{self.method},h={self.hidden},L={self.layers},seq={self.seq},b={self.batch}"
@@ -160,15 +182,7 @@ class E2ECase:
         # 93 s wall with (1, 5) on this idle 2-core machine, 8.5 min under a CI run's load.
         # CUDA: 3 warm-up steps cover torch.compile's train-mode graph and its lazily compiled backward.
         self.warmup, self.repeats = (1, 5) if device == "cpu" else (3, 10)
-        transformers, _ = _require_hf()
-        config = transformers.LlamaConfig(
-            vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-            num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=shape.seq + max(m.e2e.virtual_tokens for m in methods().values()), use_cache=False)
-        torch.manual_seed(_SEED)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            base = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+        base = llama_base(shape, dtype, device, shape.seq + max(m.e2e.virtual_tokens for m in methods().values()))
         ours = copy.deepcopy(base)
         providers = methods()[shape.method].e2e
         torch.manual_seed(_SEED + 2)

@@ -36,11 +36,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .e2e import _TOLERANCES, LEARNING_RATE, _require_hf
+from .e2e import (
+    _SEED,
+    _TOLERANCES,
+    LEARNING_RATE,
+    _require_hf,
+    check_model_fields,
+    llama_base,
+)
 from .harness import BenchSuite, check_close, saved_tensors_bytes
 
 R, ALPHA, B_STD = 16, 32, 0.02
-_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -59,15 +65,10 @@ class MultiAdapterShape:
     batch: int
 
     def __post_init__(self):
-        for name in ("adapters", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq", "batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MultiAdapterShape: {name} must be an int >= 1, got {value!r}")
+        check_model_fields(self, ("adapters", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "seq",
+                                  "batch"))
         if self.batch % self.adapters:
             raise ValueError(f"MultiAdapterShape: batch ({self.batch}) must be a multiple of adapters ({self.adapters})")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"MultiAdapterShape: hidden ({self.hidden}) must be a multiple of heads ({self.heads}) "
-                             f"and heads a multiple of kv_heads ({self.kv_heads})")
 
     def __str__(self) -> str:
         return f"adapters={self.adapters},h={self.hidden},L={self.layers},seq={self.seq},b={self.batch}"
@@ -129,18 +130,11 @@ class MultiAdapterCase:
             raise ValueError(f"MultiAdapterCase: shape must be a MultiAdapterShape, got {type(shape).__name__}")
         import deltakern
 
-        transformers, peft = _require_hf()
+        _, peft = _require_hf()
         self.shape, self.dtype, self.device = shape, dtype, device
         self.tokens = shape.batch * shape.seq
         self.warmup, self.repeats = (1, 5) if device == "cpu" else (3, 10)
-        config = transformers.LlamaConfig(
-            vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-            num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=shape.seq, use_cache=False)
-        torch.manual_seed(_SEED)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            base = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+        base = llama_base(shape, dtype, device, shape.seq)
         mixed, single = copy.deepcopy(base), copy.deepcopy(base)
         self.adapters = [f"adapter{i}" for i in range(shape.adapters)]
         lora_config = peft.LoraConfig(task_type="CAUSAL_LM", r=R, lora_alpha=ALPHA, lora_dropout=0.0,
@@ -266,11 +260,15 @@ class MultiAdapterCase:
         key = "single" if single else "mixed"
         if key not in self._expected:
             ids, peft = self.ids, self.peft
-            if single:
-                forward = lambda: (peft.set_adapter(self.adapters[0]), peft(input_ids=ids, labels=ids).loss)[1]  # noqa: E731
-            else:
-                forward = lambda: peft(input_ids=ids, labels=ids, adapter_names=self.names).loss  # noqa: E731
-            self._expected[key] = self._gradients(_Provider(peft, self._adapter_params(peft, single), None, [forward]))
+
+            def forward() -> torch.Tensor:
+                if single:
+                    peft.set_adapter(self.adapters[0])
+                    return peft(input_ids=ids, labels=ids).loss
+                return peft(input_ids=ids, labels=ids, adapter_names=self.names).loss
+
+            fn = _Provider(peft, self._adapter_params(peft, single), None, [forward])
+            self._expected[key] = self._gradients(fn)
         return self._expected[key]
 
     def check(self, provider: str, fn: _Provider) -> tuple[bool, float]:

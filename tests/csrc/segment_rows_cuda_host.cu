@@ -17,7 +17,7 @@ namespace {
 template <template <typename> class Body>
 int run_lanes(const SegmentRowsParams& p, int64_t grid_x, int64_t grid_y) {
   if (grid_x < 1 || grid_y < 1) return 1;
-  const cudaError_t err = segment_rows_kernels::with_type(p.dtype, [&](auto zero) {
+  const cudaError_t err = column_sum::with_type(p.dtype, [&](auto zero) {
     for (int64_t by = 0; by < grid_y; ++by) {
       for (int64_t lane = 0; lane < grid_x * kSegmentRowsThreads; ++lane) {
         Body<decltype(zero)>::run(p, by, grid_y, lane, grid_x * kSegmentRowsThreads);
