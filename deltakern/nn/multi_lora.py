@@ -45,6 +45,20 @@ def check_adapter_name(owner: str, name) -> str:
     return name
 
 
+def concatenated_factors(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor],
+                         scalings: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A, B, s)`` with ``s · (x Aᵀ) Bᵀ = Σ_k s_k (x A_kᵀ) B_kᵀ``: the adapters' factors stacked
+    along the rank (``[A_1; A_2; ...]``, ``[B_1, B_2, ...]``), so several adapters without dropout
+    run as one ``lora_linear``. Each B_k is scaled by its s_k unless all scalings agree (then
+    ``s`` is the common one). Autograd carries the gradients back to each adapter's factors."""
+    if len(lora_A) == 1:
+        return lora_A[0], lora_B[0], scalings[0]
+    stacked_A = torch.cat(list(lora_A), dim=0)
+    if all(s == scalings[0] for s in scalings):
+        return stacked_A, torch.cat(list(lora_B), dim=1), scalings[0]
+    return stacked_A, torch.cat([b * s for b, s in zip(lora_B, scalings)], dim=1), 1.0
+
+
 @dataclass
 class _Batch:
     """The adapter of each sequence of the batch being run. index: int64 CPU ``[B]``, positions in
@@ -276,10 +290,10 @@ class MultiLoRALinear(WrappedLinear):
             return lora_linear(x, weight, bias, self.lora_A[first], self.lora_B[first], self.scaling[first],
                                self._p(first))
         if all(self._p(n) == 0.0 for n in active):
-            # One fused call: x [A_1; A_2]ᵀ [s_1 B_1, s_2 B_2]ᵀ = Σ s_k (x A_kᵀ) B_kᵀ.
-            lora_A = torch.cat([self.lora_A[n] for n in active], dim=0)
-            lora_B = torch.cat([self.scaling[n] * self.lora_B[n] for n in active], dim=1)
-            return lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.0)
+            lora_A, lora_B, scaling = concatenated_factors([self.lora_A[n] for n in active],
+                                                           [self.lora_B[n] for n in active],
+                                                           [self.scaling[n] for n in active])
+            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.0)
         # Dropout in effect: each adapter draws its own mask (PEFT's semantics).
         out = lora_linear(x, weight, bias, self.lora_A[first], self.lora_B[first], self.scaling[first],
                           self._p(first))

@@ -86,9 +86,11 @@ def lora_segments(adapter_index: torch.Tensor, num_adapters: int) -> LoraSegment
     if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
         raise ValueError(f"deltakern.{_OP}: num_adapters must be an int >= 1, got {num_adapters!r}")
     index = adapter_index.reshape(-1).to(torch.int64)
-    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= num_adapters):
-        raise ValueError(f"deltakern.{_OP}: adapter index values must lie in [-1, {num_adapters}), got "
-                         f"[{int(index.min())}, {int(index.max())}]")
+    if index.numel():
+        low, high = torch.stack(torch.aminmax(index)).tolist()  # one host read for both bounds
+        if low < -1 or high >= num_adapters:
+            raise ValueError(f"deltakern.{_OP}: adapter index values must lie in [-1, {num_adapters}), got "
+                             f"[{low}, {high}]")
     # A stable sort keeps each adapter's rows ascending: the dropout contract numbers them in order.
     keys = torch.where(index < 0, num_adapters, index)
     order = torch.sort(keys, stable=True).indices

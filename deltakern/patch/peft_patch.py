@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nf4 import NF4Weight
+from ..nn.multi_lora import concatenated_factors
 from ..nn.wrapped_linear import is_conv1d
 from ..ops.dora_linear import RowSqNormCache, dora_linear
 from ..ops.lora_linear import lora_linear
@@ -253,17 +254,9 @@ def _summed_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         fused, rest, fused_p = plain, dropped, 0.0
     else:
         fused, rest, fused_p = dropped[:1], dropped[1:], p[dropped[0]]
-    if len(fused) == 1:
-        a = fused[0]
-        lora_A, lora_B, scaling = self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a]
-    else:
-        lora_A = torch.cat([self.lora_A[a].weight for a in fused], dim=0)
-        scalings = [self.scaling[a] for a in fused]
-        if all(s == scalings[0] for s in scalings):
-            lora_B, scaling = torch.cat([self.lora_B[a].weight for a in fused], dim=1), scalings[0]
-        else:
-            lora_B = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in fused], dim=1)
-            scaling = 1.0
+    lora_A, lora_B, scaling = concatenated_factors([self.lora_A[a].weight for a in fused],
+                                                   [self.lora_B[a].weight for a in fused],
+                                                   [self.scaling[a] for a in fused])
     if _is_nf4_base(base):
         y = qlora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, fused_p)
     else:
