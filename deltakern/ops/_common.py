@@ -3,6 +3,7 @@ the argument."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -19,9 +20,28 @@ BACKEND_DTYPES = {
 }
 
 
+@functools.cache
+def _dtensor_type() -> type | None:
+    """torch's DTensor class, or None in a build without torch.distributed."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
 def check_tensor(op: str, name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"deltakern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(t, dtensor):
+        # A DTensor passes every other check (global shape, dtype, device) and would reach the
+        # kernels, whose custom ops have no sharding rule: the op would fail inside torch's
+        # dispatcher, or run on a shard.
+        raise ValueError(
+            f"deltakern.{op}: {name} is a DTensor (placements {tuple(t.placements)}); deltakern ops take "
+            f"plain tensors. Pass {name}.full_tensor(), or wrap the module with FSDP2's fully_shard, which "
+            "unshards its parameters before its forward runs")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"deltakern.{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
