@@ -160,11 +160,14 @@ def _bench(args) -> int:
     from .benchmark import harness
 
     started = time.perf_counter()
+    if args.update_known_problems and not args.gpu_report:
+        print("deltakern bench: --update-known-problems goes with --gpu-report", file=sys.stderr)
+        return 2
     if args.gpu_report:
         from .gpu_report import run_gpu_report
 
         with _Progress(None) as bar:
-            return run_gpu_report(args.out, progress=bar)
+            return run_gpu_report(args.out, progress=bar, update_known_problems=args.update_known_problems)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("deltakern bench: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -293,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                             '{"lora": [{"m": 2048, "in_features": 1024, ...}], "e2e": [...]}')
     bench.add_argument("--gpu-report", action="store_true",
                        help="instead of timing: the sm_80/sm_90 compile report of every GPU kernel (table and CSV)")
+    bench.add_argument("--update-known-problems", action="store_true",
+                       help="with --gpu-report: rewrite deltakern/triton_kernels/aot_known_problems.py from this "
+                            "run's failing Triton rows")
     bench.add_argument("--out", default="deltakern-bench",
                        help="directory for the CSVs, summary.json and PNG plots (default ./deltakern-bench)")
     bench.set_defaults(run=_bench)

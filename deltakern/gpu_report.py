@@ -1,17 +1,24 @@
 """``deltakern bench --gpu-report``: how the GPU kernels compile for sm_80 and sm_90, without a GPU.
 
-Triton: every kernel of every op, every autotune config, at the variants each op declares for
-``triton_kernels.aot`` (its ``AOT``: the ranks, head dims or modes that change the tiles), in
-fp16 and bf16, compiled ahead of time for sm_80 and sm_90; ptxas gives registers and spill bytes,
-the PTX whether ``tl.dot`` lowered to tensor-core instructions (``mma.sync``, ``wgmma.mma_async``).
+Triton: every specialisation the launchers of each op can choose, derived from what the op
+declares for ``triton_kernels.aot`` (its ``AOT``: flag domains, the ranks or head dims that change
+the tiles): every flag combination x variant x dtype (fp16, bf16, fp32 with tl.dot in IEEE fp32,
+``tf32``: fp32 with tl.dot in TF32), each at an autotune config and a layout (aligned sizes and
+pointers, or not) of a pairwise covering, and every config at the common variants; compiled ahead
+of time for sm_80 and sm_90. ptxas gives registers and spill bytes, the PTX whether ``tl.dot``
+lowered to tensor-core instructions (``mma.sync``, ``wgmma.mma_async``).
 
 CUDA: every kernel in the cubins of the built extension ``deltakern._C``; ``cuobjdump
 --dump-resource-usage`` gives what ptxas recorded (registers, stack, static shared and local
 memory), ``cuobjdump -sass`` whether tensor-core instructions (HMMA, HGMMA) are present.
 
 Every row goes to ``<out_dir>/gpu_report.csv``; the terminal gets the worst case of each kernel
-over its configs. The exit code is 1 if a kernel spills, a Triton kernel that uses ``tl.dot``
-has no tensor-core instructions, shared memory exceeds the target's limit, or a compile failed.
+over its configs. A row fails if its kernel spills, a Triton kernel that uses ``tl.dot`` has no
+tensor-core instructions (IEEE fp32 aside), shared memory exceeds the target's limit, or a compile
+failed. Failing Triton rows found when the report grew to every specialisation are listed, with
+their problem, in ``triton_kernels/aot_known_problems.py``: they are reported as ``known`` and
+do not fail the report, while a new failing row does, and so does a listed row that no longer
+fails (the list only shrinks: ``--update-known-problems`` rewrites it from a full run).
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ _OPS = registry.ops()
 # The ops with Triton kernels, in registration order.
 TRITON_OPS = tuple(name for name, spec in _OPS.items() if "triton" in spec.backends)
 ARCHS = (80, 90)
-DTYPES = ("fp16", "bf16")
+# fp16, bf16, fp32 (tl.dot in IEEE fp32) and tf32 (fp32 inputs, tl.dot in TF32): aot.DTYPES.
+DTYPES = ("fp16", "bf16", "fp32", "tf32")
 # Concurrent compile subprocesses: the two cores of the development machine and of CI runners.
 WORKERS = 2
 # Static __shared__ arrays of a CUDA kernel are capped at 48 KiB on every architecture; dynamic
@@ -61,8 +69,9 @@ class ReportRow:
     stack/local are not reported; for CUDA, stack_bytes and local_bytes are what ptxas recorded
     in the cubin and spill_bytes is not reported. mma / wgmma: tensor-core instructions of the
     sm_80 (``mma.sync``, SASS HMMA) and sm_90 (``wgmma``, SASS HGMMA) kinds. tensor_cores sums it up:
-    "mma", "wgmma", "MISSING" (a tl.dot without them), "SIMT" (CUDA kernels without tensor cores
-    by design), "none" (no matrix product in the kernel). status "unavailable" marks a part of
+    "mma", "wgmma", "MISSING" (a tl.dot without them), "ieee" (a tl.dot in IEEE fp32, which runs
+    on FMA units by definition), "SIMT" (CUDA kernels without tensor cores by design), "none" (no
+    matrix product in the kernel). status "unavailable" marks a part of
     the report that could not be produced (note says why), "error" a compile that failed.
     """
 
@@ -106,21 +115,85 @@ def row_problems(row: ReportRow) -> list[str]:
         problems.append(f"spills {row.spill_bytes} B")
     if row.stack_bytes or row.local_bytes:
         problems.append(f"local memory (stack {row.stack_bytes} B, local {row.local_bytes} B)")
-    if row.uses_dot and not (row.mma or row.wgmma):
+    if row.uses_dot and row.dtype != "fp32" and not (row.mma or row.wgmma):
         problems.append("tl.dot without tensor-core instructions")
     if row.shared_bytes is not None and row.shared_limit is not None and row.shared_bytes > row.shared_limit:
         problems.append(f"shared memory {row.shared_bytes} B > limit {row.shared_limit} B")
     return problems
 
 
+def row_key(row: ReportRow) -> str:
+    """How ``aot_known_problems`` names a row: op, kernel, [config], arch, dtype."""
+    return f"{row.op} {row.kernel} [{row.config}] {row.arch} {row.dtype}"
+
+
+def known_problems() -> dict[str, str]:
+    """The failing Triton rows known from before (row key -> what fails)."""
+    from deltakern.triton_kernels.aot_known_problems import KNOWN_PROBLEMS
+
+    return KNOWN_PROBLEMS
+
+
+def new_problems(rows: Iterable[ReportRow]) -> list[tuple[ReportRow, list[str]]]:
+    """The rows with a problem (see :func:`row_problems`) that are not known."""
+    known = known_problems()
+    return [(row, problems) for row in rows if (problems := row_problems(row)) and row_key(row) not in known]
+
+
+def fixed_problems(rows: Iterable[ReportRow]) -> list[str]:
+    """The known problems of ``rows`` that no longer fail (to be removed from the list)."""
+    known = known_problems()
+    return [row_key(row) for row in rows if row_key(row) in known and not row_problems(row)]
+
+
 def exit_code(rows: Iterable[ReportRow]) -> int:
-    """0 if no row has a problem (see :func:`row_problems`), else 1."""
-    return 1 if any(row_problems(row) for row in rows) else 0
+    """0 if no row has a new problem and no known problem is fixed, else 1."""
+    rows = list(rows)
+    return 1 if new_problems(rows) or fixed_problems(rows) else 0
+
+
+def known_problems_source(rows: Iterable[ReportRow]) -> str:
+    """The text of ``triton_kernels/aot_known_problems.py`` listing the failing Triton rows of a
+    full run."""
+    failing = sorted((row_key(row), "; ".join(problems)) for row in rows
+                     if row.source == "triton" and (problems := row_problems(row)))
+    lines = ['"""Triton compiles of `deltakern bench --gpu-report` known to fail: row key -> problem.',
+             "",
+             "Generated by `deltakern bench --gpu-report --update-known-problems` from a full run. The",
+             "report and tests/triton_kernels/test_compile.py fail on a failing row not listed here and on",
+             "a listed row that passes: fix a kernel, then rerun the command to drop its rows.",
+             '"""',
+             "",
+             "KNOWN_PROBLEMS = {"]
+    lines += [f"    {key!r}: {problem!r}," for key, problem in failing]
+    lines += ["}", ""]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
 # Triton: ahead-of-time compiles, in subprocesses
 # --------------------------------------------------------------------------------------------
+
+
+def job_config(job) -> str:
+    """The config column of a compile job's row: variant, tiles, warps, stages, the flags that vary,
+    and ``unaligned`` for the layout without multiples of 16."""
+    from deltakern.triton_kernels import aot
+
+    spec = aot.aot_spec(job.op)
+    tile = {k: v for k, v in spec.variant_constexprs(job.kernel, job.variant).items() if k.startswith("BLOCK_")}
+    return " ".join(
+        [f"{spec.variant_tag}={job.variant}"]
+        + [f"{k}={v}" for k, v in {**job.config.kwargs, **tile}.items()]
+        + [f"warps={job.config.num_warps}", f"stages={job.config.num_stages}"]
+        + job.flag_tag.split(",") * bool(job.flag_tag)
+        + ([] if job.aligned else ["unaligned"]))
+
+
+def job_key(job) -> str:
+    """The :func:`row_key` of a compile job's row."""
+    return row_key(ReportRow(source="triton", op=job.op, kernel=job.kernel, config=job_config(job),
+                             arch=f"sm_{job.arch}", dtype=job.dtype))
 
 
 def _triton_worker(op: str, arch: int, dtypes: list[str]) -> list[dict]:
@@ -131,15 +204,9 @@ def _triton_worker(op: str, arch: int, dtypes: list[str]) -> list[dict]:
     """
     from deltakern.triton_kernels import aot
 
-    spec = aot.aot_spec(op)
     rows = []
     for job in aot.compile_jobs(op, dtypes=tuple(dtypes), archs=(arch,)):
-        tile = {k: v for k, v in spec.variant_constexprs(job.kernel, job.variant).items() if k.startswith("BLOCK_")}
-        config = " ".join(
-            [f"{spec.variant_tag}={job.variant}"]
-            + [f"{k}={v}" for k, v in {**job.config.kwargs, **tile}.items()]
-            + [f"warps={job.config.num_warps}", f"stages={job.config.num_stages}"])
-        base = ReportRow(source="triton", op=op, kernel=job.kernel, config=config, arch=f"sm_{arch}",
+        base = ReportRow(source="triton", op=op, kernel=job.kernel, config=job_config(job), arch=f"sm_{arch}",
                          dtype=job.dtype, shared_limit=aot.SHARED_MEMORY_LIMIT[arch])
         try:
             record = aot.compile_job(job)
@@ -147,8 +214,8 @@ def _triton_worker(op: str, arch: int, dtypes: list[str]) -> list[dict]:
             rows.append(dataclasses.asdict(dataclasses.replace(
                 base, status="error", note=f"{type(error).__name__}: {error}".splitlines()[0][:200])))
             continue
-        tensor_cores = (("wgmma" if record.has_wgmma else "mma" if record.has_mma else "MISSING")
-                        if record.uses_dot else "none")
+        tensor_cores = ("none" if not record.uses_dot else "wgmma" if record.has_wgmma else "mma" if record.has_mma
+                        else "ieee" if job.dtype == "fp32" else "MISSING")
         rows.append(dataclasses.asdict(dataclasses.replace(
             base, registers=record.registers, spill_bytes=record.spill_stores + record.spill_loads,
             shared_bytes=record.shared, uses_dot=record.uses_dot, mma=record.has_mma, wgmma=record.has_wgmma,
@@ -382,6 +449,7 @@ def _spoken_list(names) -> str:
 def format_table(rows: list[ReportRow]) -> str:
     """The terminal table: per (source, op, kernel, arch) the worst case over configs, dtypes and
     variants, then unavailable parts, failing rows and summary lines."""
+    known = known_problems()
     groups: dict[tuple, list[ReportRow]] = {}
     for row in rows:
         if row.status == "ok":
@@ -391,27 +459,37 @@ def format_table(rows: list[ReportRow]) -> str:
     lines = [header, "-" * len(header)]
     for (source, op, kernel, arch), group in groups.items():
         w = _worst(group)
-        status = "ok" if not w["problems"] else f"FAIL ({w['problems']})"
+        new = sum(1 for r in group if row_problems(r) and row_key(r) not in known)
+        old = w["problems"] - new
+        status = ("ok" if not w["problems"] else f"known ({old})" if not new
+                  else f"FAIL ({new}{f' new, {old} known' if old else ''})")
         lines.append(f"{source:<7}{op:<17}{kernel[:30]:<31}{arch:<7}{w['rows']:>5}{_dash(w['registers']):>6}"
                      f"{_dash(w['spill']):>9}{_dash(w['local']):>9}{_kib(w['shared']):>10}{_kib(w['limit']):>8}  "
                      f"{w['tensor_cores']:<14}{status}")
     for row in rows:
         if row.status == "unavailable":
             lines.append(f"{row.source}: unavailable{f' ({row.op})' if row.op else ''}: {row.note}")
-    failing = [row for row in rows if row_problems(row)]
+    failing = [row for row, _ in new_problems(rows)]
+    for key in fixed_problems(rows):
+        lines.append(f"FIXED {key}: passes now; remove it from aot_known_problems (--update-known-problems)")
     for row in failing[:20]:
         lines.append(f"FAIL {row.source} {row.op} {row.kernel} [{row.config}] {row.arch} {row.dtype}: "
                      f"{'; '.join(row_problems(row))}{f' ({row.note})' if row.note and row.status == 'error' else ''}")
     if len(failing) > 20:
         lines.append(f"... and {len(failing) - 20} more failing rows (see the CSV)")
+    known_failing = [row for row in rows if row_problems(row) and row_key(row) in known]
+    if known_failing:
+        lines.append(f"{len(known_failing)} rows fail as known (triton_kernels/aot_known_problems.py), not a failure "
+                     "of this run")
     triton = [r for r in rows if r.source == "triton" and r.status != "unavailable"]
     if triton:
         dots = [r for r in triton if r.uses_dot]
         lines.append(
-            f"Triton: {len(triton)} compiles ({len({(r.op, r.kernel) for r in triton})} kernels x configs x variants x "
-            f"{'/'.join(sorted({r.dtype for r in triton}))} x {'/'.join(sorted({r.arch for r in triton}))}); "
-            f"{sum(1 for r in triton if r.spill_bytes)} spill; "
-            f"{sum(1 for r in dots if r.mma or r.wgmma)}/{len(dots)} tl.dot compiles on tensor cores")
+            f"Triton: {len(triton)} compiles ({len({(r.op, r.kernel) for r in triton})} kernels x flags x variants x "
+            f"{'/'.join(sorted({r.dtype for r in triton}))} x {'/'.join(sorted({r.arch for r in triton}))}, "
+            f"configs and layouts covered pairwise); {sum(1 for r in triton if r.spill_bytes)} spill; "
+            f"{sum(1 for r in dots if r.mma or r.wgmma)}/{len(dots)} tl.dot compiles on tensor cores "
+            f"({sum(1 for r in dots if r.tensor_cores == 'ieee')} in IEEE fp32, on FMA units by design)")
     cuda = [r for r in rows if r.source == "cuda" and r.status == "ok"]
     if cuda:
         simt = sorted({r.op for r in cuda if r.tensor_cores == "SIMT"})
@@ -428,20 +506,34 @@ def format_table(rows: list[ReportRow]) -> str:
 
 
 def run_gpu_report(out_dir: str, progress: Callable[[str], None] | None = None, *,
-                   ops: Iterable[str] = TRITON_OPS, dtypes: Iterable[str] = DTYPES, cuda: bool = True) -> int:
+                   ops: Iterable[str] = TRITON_OPS, dtypes: Iterable[str] = DTYPES, cuda: bool = True,
+                   update_known_problems: bool = False) -> int:
     """Compiles and inspects every GPU kernel, prints the table, writes ``<out_dir>/gpu_report.csv``.
 
     ops / dtypes restrict the Triton part (default: all); cuda=False leaves out the CUDA part.
-    Returns 0, or 1 if any row has a problem (see :func:`row_problems`).
+    update_known_problems rewrites ``triton_kernels/aot_known_problems.py`` from this run's failing
+    Triton rows (a full run only). Returns 0, or 1 if a row has a new problem or a known one is
+    fixed (see :func:`exit_code`).
     """
+    ops, dtypes = tuple(ops), tuple(dtypes)
+    if update_known_problems and (set(ops) != set(TRITON_OPS) or set(dtypes) != set(DTYPES)):
+        raise ValueError("--update-known-problems needs the full report (every op and dtype)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = triton_rows(tuple(ops), tuple(dtypes), ARCHS, progress)
+    rows = triton_rows(ops, dtypes, ARCHS, progress)
     if cuda:
         rows += cuda_rows(progress)
     path = out / "gpu_report.csv"
     write_csv(rows, path)
+    if update_known_problems:
+        from deltakern.triton_kernels import aot_known_problems
+
+        Path(aot_known_problems.__file__).write_text(known_problems_source(rows))
+        aot_known_problems.KNOWN_PROBLEMS.clear()
+        aot_known_problems.KNOWN_PROBLEMS.update({row_key(r): "; ".join(p) for r in rows
+                                                  if r.source == "triton" and (p := row_problems(r))})
+        print(f"{len(aot_known_problems.KNOWN_PROBLEMS)} failing Triton rows written to {aot_known_problems.__file__}")
     print(format_table(rows))
     code = exit_code(rows)
     print(f"{len(rows)} rows written to {path} in {time.perf_counter() - started:.0f} s; "

@@ -119,8 +119,9 @@ def test_registering_twice_raises():
         register_method(methods()["lora"])
 
 
-# Files that may name every op: the package faces.
-FACES = ("__init__.py", "bindings.cpp")
+# Files that may name every op: the package faces, and the GPU report's generated list of known
+# failing compiles (data: one row key per compile, each naming its op).
+FACES = ("__init__.py", "bindings.cpp", "aot_known_problems.py")
 # An op's own files: those whose path names its method (nn/lora.py, patch/ia3.py, ...) or the op.
 # The LoRA variants (QLoRA, DoRA) are built on lora_linear's decomposition and kernels: their
 # files are lora_linear's family. The segmented (multi-adapter) op's layers are multi_lora.py.

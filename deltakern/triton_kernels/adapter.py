@@ -401,12 +401,14 @@ adapter_dwd_kernel = triton.autotune(DWD_CONFIGS, key=["M", "N", "R"], reset_to_
 # Ahead-of-time compiles (triton_kernels.aot)
 # --------------------------------------------------------------------------------------------
 
-# Bottlenecks compiled: 16 (BLOCK_R 16, r <= 16) and 64, the usual bottleneck of BERT-size
-# adapters and the register high-water mark the configs are chosen to fit without spills.
-BOTTLENECKS = (16, 64)
+# Padded bottleneck blocks compiled: 16 (r <= 16) up to 128. SWEEP_BOTTLENECKS, where every
+# autotune config is compiled: 16 and 64, the usual bottleneck of BERT-size adapters and the
+# register high-water mark the configs were chosen to fit without spills.
+BOTTLENECKS = (16, 32, 64, 128)
+SWEEP_BOTTLENECKS = (16, 64)
 
 
-def _aot_signatures(dtype: str) -> dict:
+def _aot_signatures(dtype: str, flags: dict) -> dict:
     """Runtime argument types of each kernel for ``dtype`` inputs."""
     t = f"*{dtype}"
     sizes = {"M": "i32", "N": "i32", "R": "i32"}
@@ -414,38 +416,34 @@ def _aot_signatures(dtype: str) -> dict:
     dz = {"dy_ptr": t, "wu_ptr": t, "pre_ptr": t, "dpre_ptr": t, "act_ptr": t, "dbd_ptr": "*fp32",
           **sizes, "scaling": "fp32"}
     return {
-        "down_gelu": down,
-        "down_gelu_tanh": down,
+        "down": down,
         "up": {"act_ptr": t, "wu_ptr": t, "bu_ptr": t, "res_ptr": t, "out_ptr": t, **sizes, "scaling": "fp32"},
         # The weight and bias gradients are fp32 buffers summed with atomics.
-        "dz_gelu": dz,
-        "dz_gelu_tanh": dz,
+        "dz": dz,
         "dh": {"dy_ptr": t, "wd_ptr": t, "dpre_ptr": t, "act_ptr": t, "dh_ptr": t,
                "dwu_ptr": "*fp32", "dbu_ptr": "*fp32", **sizes, "scaling": "fp32"},
         "dwd": {"dpre_ptr": t, "h_ptr": t, "dwd_ptr": "*fp32", **sizes},
     }
 
 
+# Every activation where a kernel evaluates it, the gelus first: the activations with the most
+# live state (erf's polynomial; tanh, a cubic and their products).
+_ACTIVATIONS = tuple(CODES[name] for name in ("gelu", "gelu_tanh", "relu", "silu", "tanh"))
 AOT = AotSpec(
-    # Flags at the heaviest variant: biases present, the residual gradient added. The two kernels
-    # that evaluate the activation are compiled with both gelus, the activations with the most
-    # live state (erf's polynomial; tanh, a cubic and their products); relu, silu and tanh need
-    # less (all five were checked, see the NOTE on the configs above).
+    # Every flag each way, the heaviest first: biases present, the residual gradient added.
     kernels={
-        "down_gelu": (adapter_down_kernel, {"HAS_BIAS": True, "ACTIVATION": CODES["gelu"]}),
-        "down_gelu_tanh": (adapter_down_kernel, {"HAS_BIAS": True, "ACTIVATION": CODES["gelu_tanh"]}),
-        "up": (adapter_up_kernel, {"HAS_BIAS": True}),
-        "dz_gelu": (adapter_dz_kernel, {"ACTIVATION": CODES["gelu"]}),
-        "dz_gelu_tanh": (adapter_dz_kernel, {"ACTIVATION": CODES["gelu_tanh"]}),
-        "dh": (adapter_dh_kernel, {"RESIDUAL_IS_H": True}),
+        "down": (adapter_down_kernel, {"HAS_BIAS": (True, False), "ACTIVATION": _ACTIVATIONS}),
+        "up": (adapter_up_kernel, {"HAS_BIAS": (True, False)}),
+        "dz": (adapter_dz_kernel, {"ACTIVATION": _ACTIVATIONS}),
+        "dh": (adapter_dh_kernel, {"RESIDUAL_IS_H": (True, False)}),
         "dwd": (adapter_dwd_kernel, {}),
     },
     signatures=_aot_signatures,
     variants=BOTTLENECKS,
+    sweep_variants=SWEEP_BOTTLENECKS,
     variant_tag="r",
     # The up kernel walks the bottleneck UP_BLOCK_R ranks at a time; the others hold all of it.
-    variant_constexprs=lambda kernel, r: {
-        "BLOCK_R": UP_BLOCK_R if kernel == "up" else block_r(r), "DOT_PRECISION": "tf32"},
+    variant_constexprs=lambda kernel, r: {"BLOCK_R": UP_BLOCK_R if kernel == "up" else block_r(r)},
     # Pointers from the caching allocator are 16-byte aligned and the hidden size d of real
     # models is a multiple of 16; the bottleneck r is left unspecialised (8, 48 and 100 are all
     # used).

@@ -62,19 +62,29 @@ def dot_precision(dtype: torch.dtype) -> str:
 class AotSpec:
     """How to compile the kernels of one op ahead of time (``triton_kernels.aot``).
 
-    kernels: name -> (autotuner, constexpr flags). Flags are set to the heaviest variant (the
-    one with the most live state), so its register and spill numbers bound the others.
-    signatures: dtype -> kernel name -> runtime argument types (``"*fp16"``, ``"i32"``, ...).
-    variants: the sizes that change a kernel's tiles (a rank, a head dim, ...), each compiled.
+    kernels: name -> (autotuner, flag domains). A flag domain is every value the op's launchers
+    pass for one constexpr (``{"CAUSAL": (True, False)}``), the heaviest first (the value with
+    the most live state): the autotune-config sweep compiles the first value of every domain.
+    signatures: (dtype, flags) -> kernel name -> runtime argument types (``"*fp16"``, ``"i32"``,
+    ...); the flags matter where an argument's type depends on one (a per-batch prefix's
+    gradient is in the input dtype, a shared one's in fp32).
+    variants: every size that changes a kernel's tiles (a rank's padded block, a head dim, ...).
+    sweep_variants: the common ones among them (ranks 16 and 64, head dims 64, 96 and 128), at
+    which every autotune config is compiled in fp16 and bf16.
     variant_tag: how job ids and report rows name the variant (``r16``, ``d64``).
     variant_constexprs: (kernel name, variant) -> the constexprs the variant sets.
-    divisible: a kernel's signature -> the runtime arguments the JIT would specialise as
-    multiples of 16.
+    divisible: a kernel's signature -> the runtime arguments the JIT specialises as multiples of
+    16 when a layer's sizes and pointers are aligned (the caching allocator's pointers, sizes
+    that are multiples of 16).
+    layout_constexprs: (kernel name, dtype, aligned) -> constexprs a launcher derives from the
+    element size and the alignment of its tensors (none for most ops).
     """
 
     kernels: dict
-    signatures: Callable[[str], dict]
+    signatures: Callable[[str, dict], dict]
     variants: tuple
+    sweep_variants: tuple
     variant_tag: str
     variant_constexprs: Callable[[str, int], dict]
     divisible: Callable[[dict], tuple]
+    layout_constexprs: Callable[[str, str, bool], dict] = lambda kernel, dtype, aligned: {}

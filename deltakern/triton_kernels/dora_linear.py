@@ -52,6 +52,7 @@ from deltakern.triton_kernels.common import (
 from deltakern.triton_kernels.lora_linear import (
     INTERPRETER_CONFIG,
     RANKS,
+    SWEEP_RANKS,
     lora_da,
     lora_shrink,
     low_rank_tile,
@@ -273,7 +274,7 @@ dora_dx_dropout_kernel = triton.autotune(DX_DROPOUT_CONFIGS, key=["M", "N", "K"]
 # --------------------------------------------------------------------------------------------
 
 
-def _aot_signatures(dtype: str) -> dict:
+def _aot_signatures(dtype: str, flags: dict) -> dict:
     """Runtime argument types of each kernel for ``dtype`` inputs (a contiguous weight: its
     unit stride is the ``stride_wk = 1`` the JIT specialises, set with the flags)."""
     t = f"*{dtype}"
@@ -296,22 +297,23 @@ def _aot_signatures(dtype: str) -> dict:
 
 
 AOT = AotSpec(
-    # Flags at the heavier variant of each kernel (bias present, z saved, dropout where the
-    # autotuner is the dropout one); the fp32 scale and the stride are the same in every variant.
+    # Every flag each way, the heaviest first (bias present, z saved); dropout has its own
+    # autotuner. The fp32 scale and the unit stride are the same whatever the inputs.
     kernels={
         "dropout": (dora_dropout_kernel, {}),
-        "fwd": (dora_fwd_kernel, {"HAS_DROPOUT": False, "HAS_BIAS": True, "SAVE_Z": True, "stride_wk": 1}),
-        "fwd_dropout": (dora_fwd_dropout_kernel, {"HAS_DROPOUT": True, "HAS_BIAS": True, "SAVE_Z": True,
-                                                  "stride_wk": 1}),
-        "dy": (dora_dy_kernel, {"HAS_Z": True}),
-        "dx": (dora_dx_kernel, {"HAS_DROPOUT": False, "stride_wk": 1}),
-        "dx_dropout": (dora_dx_dropout_kernel, {"HAS_DROPOUT": True, "stride_wk": 1}),
+        "fwd": (dora_fwd_kernel, {"HAS_DROPOUT": (False,), "HAS_BIAS": (True, False), "SAVE_Z": (True, False),
+                                  "stride_wk": (1,)}),
+        "fwd_dropout": (dora_fwd_dropout_kernel, {"HAS_DROPOUT": (True,), "HAS_BIAS": (True, False),
+                                                  "SAVE_Z": (True, False), "stride_wk": (1,)}),
+        "dy": (dora_dy_kernel, {"HAS_Z": (True, False)}),
+        "dx": (dora_dx_kernel, {"HAS_DROPOUT": (False,), "stride_wk": (1,)}),
+        "dx_dropout": (dora_dx_dropout_kernel, {"HAS_DROPOUT": (True,), "stride_wk": (1,)}),
     },
     signatures=_aot_signatures,
     variants=RANKS,
+    sweep_variants=SWEEP_RANKS,
     variant_tag="r",
-    variant_constexprs=lambda kernel, rank: (
-        {} if kernel == "dropout" else {"BLOCK_R": block_r(rank), "DOT_PRECISION": "tf32"}),
+    variant_constexprs=lambda kernel, rank: {} if kernel == "dropout" else {"BLOCK_R": block_r(rank)},
     # The JIT's run-time specialisation for real layers: 16-byte aligned pointers (the caching
     # allocator's) and row lengths, hence the weight's row stride, that are multiples of 16.
     divisible=lambda signature: tuple(

@@ -172,7 +172,7 @@ ia3_bwd_kernel = triton.autotune(GEMM_CONFIGS, key=["M", "N", "K", "SCALE_INPUT"
 # --------------------------------------------------------------------------------------------
 
 
-def _aot_signatures(dtype: str) -> dict:
+def _aot_signatures(dtype: str, flags: dict) -> dict:
     """Runtime argument types of each kernel for ``dtype`` inputs."""
     t = f"*{dtype}"
     sizes = {"M": "i32", "N": "i32", "K": "i32"}
@@ -184,17 +184,18 @@ def _aot_signatures(dtype: str) -> dict:
 
 
 AOT = AotSpec(
-    # Flags at the heavier variant (bias present); the scale's side is the variant.
+    # The bias each way (present first, the heavier); the scale's side is the variant.
     kernels={
-        "fwd": (ia3_fwd_kernel, {"HAS_BIAS": True}),
+        "fwd": (ia3_fwd_kernel, {"HAS_BIAS": (True, False)}),
         "bwd": (ia3_bwd_kernel, {}),
     },
     signatures=_aot_signatures,
     # No size changes the tiles: each kernel is compiled with the scale on the output (0) and on
     # the input (1) side.
     variants=(0, 1),
+    sweep_variants=(0, 1),
     variant_tag="scale_input",
-    variant_constexprs=lambda kernel, side: {"SCALE_INPUT": bool(side), "DOT_PRECISION": "tf32"},
+    variant_constexprs=lambda kernel, side: {"SCALE_INPUT": bool(side)},
     # Pointers from the caching allocator are 16-byte aligned, and the feature sizes N, K of real
     # layers are multiples of 16: the specialisation the JIT makes at run time.
     divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name in ("N", "K")),

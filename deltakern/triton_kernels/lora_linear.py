@@ -295,12 +295,14 @@ lora_dx_dropout_kernel = triton.autotune(DX_DROPOUT_CONFIGS, key=["M", "N", "K"]
 # Ahead-of-time compiles (triton_kernels.aot)
 # --------------------------------------------------------------------------------------------
 
-# LoRA ranks compiled: BLOCK_R 16 covers r <= 16, the usual case; 64 is the largest common rank
-# and the register high-water mark the configs are chosen to fit without spills.
-RANKS = (16, 64)
+# The padded rank blocks compiled: BLOCK_R 16 covers r <= 16, the usual case, up to 128 (r in
+# (64, 128]). SWEEP_RANKS, 16 and the largest common rank 64, are where every autotune config is
+# compiled; 64 is the register high-water mark the configs were chosen to fit without spills.
+RANKS = (16, 32, 64, 128)
+SWEEP_RANKS = (16, 64)
 
 
-def _aot_signatures(dtype: str) -> dict:
+def _aot_signatures(dtype: str, flags: dict) -> dict:
     """Runtime argument types of each kernel for ``dtype`` inputs."""
     t = f"*{dtype}"
     rng = {"seed": "i64", "dropout_p": "fp32", "keep_scale": "fp32"}
@@ -319,20 +321,20 @@ def _aot_signatures(dtype: str) -> dict:
 
 
 AOT = AotSpec(
-    # Flags at the heavier variant (dropout on, bias present); dx has one autotuner per variant
-    # because dropout changes which tiles fit in registers.
+    # dx has one autotuner per dropout setting because dropout changes which tiles fit in registers.
     kernels={
-        "shrink": (lora_shrink_kernel, {"HAS_DROPOUT": True}),
-        "fwd": (lora_fwd_kernel, {"HAS_BIAS": True}),
+        "shrink": (lora_shrink_kernel, {"HAS_DROPOUT": (True, False)}),
+        "fwd": (lora_fwd_kernel, {"HAS_BIAS": (True, False)}),
         "dy": (lora_dy_kernel, {}),
-        "da": (lora_da_kernel, {"HAS_DROPOUT": True}),
-        "dx": (lora_dx_kernel, {"HAS_DROPOUT": False}),
-        "dx_dropout": (lora_dx_dropout_kernel, {"HAS_DROPOUT": True}),
+        "da": (lora_da_kernel, {"HAS_DROPOUT": (True, False)}),
+        "dx": (lora_dx_kernel, {"HAS_DROPOUT": (False,)}),
+        "dx_dropout": (lora_dx_dropout_kernel, {"HAS_DROPOUT": (True,)}),
     },
     signatures=_aot_signatures,
     variants=RANKS,
+    sweep_variants=SWEEP_RANKS,
     variant_tag="r",
-    variant_constexprs=lambda kernel, rank: {"BLOCK_R": block_r(rank), "DOT_PRECISION": "tf32"},
+    variant_constexprs=lambda kernel, rank: {"BLOCK_R": block_r(rank)},
     # Pointers from the caching allocator are 16-byte aligned, and the row lengths (K, N) of
     # real layers are multiples of 16: the specialisation the JIT makes at run time.
     divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name in ("N", "K")),

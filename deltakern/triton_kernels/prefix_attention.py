@@ -385,13 +385,14 @@ def block_d(head_dim: int) -> int:
 # Ahead-of-time compiles (triton_kernels.aot)
 # --------------------------------------------------------------------------------------------
 
-# Head dims compiled: 64; 96, which pads to BLOCK_D = 128 with masked columns; and 128, the
-# register high-water mark.
-HEAD_DIMS = (64, 96, 128)
+# Head dims compiled: 64; 80 and 96, which pad to BLOCK_D = 128 with masked columns; and 128,
+# the register high-water mark. SWEEP_HEAD_DIMS are where every autotune config is compiled.
+HEAD_DIMS = (64, 80, 96, 128)
+SWEEP_HEAD_DIMS = (64, 96, 128)
 
 
-def _aot_signatures(dtype: str) -> dict:
-    """Runtime argument types of each kernel for ``dtype`` inputs."""
+def _aot_signatures(dtype: str, flags: dict) -> dict:
+    """Runtime argument types of each kernel for ``dtype`` inputs and the constexpr ``flags``."""
     t = f"*{dtype}"
     inputs = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "pk_ptr": t, "pv_ptr": t, "kpm_ptr": "*u8"}
     sizes = {"Hq": "i32", "Hkv": "i32", "Lq": "i32", "Lk": "i32", "P": "i32", "scale": "fp32",
@@ -400,27 +401,29 @@ def _aot_signatures(dtype: str) -> dict:
     return {
         "fwd": {**inputs, "out_ptr": t, "lse_ptr": "*fp32", **sizes},
         "bwd_preprocess": {"out_ptr": t, "do_ptr": t, "delta_ptr": "*fp32", "rows": "i32"},
-        # dprefix in fp32: the shared prefix's atomically summed buffers.
-        "bwd_dkdv": {**inputs, **saved, "dk_ptr": t, "dv_ptr": t, "dpk_ptr": "*fp32", "dpv_ptr": "*fp32", **sizes},
+        # dprefix in fp32 for a shared prefix (buffers summed with atomics over the batch), in the
+        # input dtype for a per-batch one.
+        "bwd_dkdv": {**inputs, **saved, "dk_ptr": t, "dv_ptr": t, **sizes,
+                     **dict.fromkeys(("dpk_ptr", "dpv_ptr"), "*fp32" if flags.get("PREFIX_SHARED") else t)},
         "bwd_dq": {**inputs, **saved, "dq_ptr": t, **sizes},
     }
 
 
-# Flags at the heaviest variant: causal (two key ranges), a padding mask, a shared prefix (atomics).
-_AOT_FLAGS = {"CAUSAL": True, "HAS_MASK": True, "PREFIX_SHARED": True}
+# Every flag each way; the heaviest first: causal (two key ranges), a padding mask, a shared
+# prefix (atomics).
+_FLAGS = {"CAUSAL": (True, False), "HAS_MASK": (True, False), "PREFIX_SHARED": (True, False)}
 AOT = AotSpec(
     kernels={
-        "fwd": (prefix_attn_fwd_kernel, _AOT_FLAGS),
+        "fwd": (prefix_attn_fwd_kernel, _FLAGS),
         "bwd_preprocess": (prefix_attn_bwd_preprocess_kernel, {}),
-        "bwd_dkdv": (prefix_attn_bwd_dkdv_kernel, _AOT_FLAGS),
-        "bwd_dq": (prefix_attn_bwd_dq_kernel, _AOT_FLAGS),
+        "bwd_dkdv": (prefix_attn_bwd_dkdv_kernel, _FLAGS),
+        "bwd_dq": (prefix_attn_bwd_dq_kernel, _FLAGS),
     },
     signatures=_aot_signatures,
     variants=HEAD_DIMS,
+    sweep_variants=SWEEP_HEAD_DIMS,
     variant_tag="d",
-    variant_constexprs=lambda kernel, d: {
-        "HEAD_DIM": d, "BLOCK_D": block_d(d),
-        **({} if kernel == "bwd_preprocess" else {"DOT_PRECISION": "tf32"})},
+    variant_constexprs=lambda kernel, d: {"HEAD_DIM": d, "BLOCK_D": block_d(d)},
     # Sequence lengths and head counts are arbitrary: only the (16-byte aligned) pointers.
     divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr")),
 )

@@ -35,6 +35,7 @@ from deltakern.triton_kernels.common import AotSpec, block_r, dot_precision, gro
 from deltakern.triton_kernels.lora_linear import (
     INTERPRETER_CONFIG,
     RANKS,
+    SWEEP_RANKS,
     lora_low_rank_backward,
     lora_shrink,
     low_rank_tile,
@@ -214,7 +215,7 @@ qlora_dx_dropout_odd_k_kernel = triton.autotune(ODD_K_CONFIGS, key=["M", "N", "K
 _ODD_K = "(K odd)"
 
 
-def _aot_signatures(dtype: str) -> dict:
+def _aot_signatures(dtype: str, flags: dict) -> dict:
     """Runtime argument types of each kernel for ``dtype`` inputs."""
     t = f"*{dtype}"
     nf4 = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32"}
@@ -231,17 +232,18 @@ def _aot_signatures(dtype: str) -> dict:
 
 AOT = AotSpec(
     kernels={
-        "fwd": (qlora_fwd_kernel, {"HAS_BIAS": True, "EVEN_K": True}),
-        "fwd_odd_k": (qlora_fwd_odd_k_kernel, {"HAS_BIAS": True, "EVEN_K": False}),
-        "dx": (qlora_dx_kernel, {"HAS_DROPOUT": False, "EVEN_K": True}),
-        "dx_odd_k": (qlora_dx_odd_k_kernel, {"HAS_DROPOUT": False, "EVEN_K": False}),
-        "dx_dropout": (qlora_dx_dropout_kernel, {"HAS_DROPOUT": True, "EVEN_K": True}),
-        "dx_dropout_odd_k": (qlora_dx_dropout_odd_k_kernel, {"HAS_DROPOUT": True, "EVEN_K": False}),
+        "fwd": (qlora_fwd_kernel, {"HAS_BIAS": (True, False), "EVEN_K": (True,)}),
+        "fwd_odd_k": (qlora_fwd_odd_k_kernel, {"HAS_BIAS": (True, False), "EVEN_K": (False,)}),
+        "dx": (qlora_dx_kernel, {"HAS_DROPOUT": (False,), "EVEN_K": (True,)}),
+        "dx_odd_k": (qlora_dx_odd_k_kernel, {"HAS_DROPOUT": (False,), "EVEN_K": (False,)}),
+        "dx_dropout": (qlora_dx_dropout_kernel, {"HAS_DROPOUT": (True,), "EVEN_K": (True,)}),
+        "dx_dropout_odd_k": (qlora_dx_dropout_odd_k_kernel, {"HAS_DROPOUT": (True,), "EVEN_K": (False,)}),
     },
     signatures=_aot_signatures,
     variants=RANKS,
+    sweep_variants=SWEEP_RANKS,
     variant_tag="r",
-    variant_constexprs=lambda kernel, rank: {"BLOCK_R": block_r(rank), "DOT_PRECISION": "tf32"},
+    variant_constexprs=lambda kernel, rank: {"BLOCK_R": block_r(rank)},
     # The JIT's run-time specialisation for real layers: 16-byte aligned pointers (the caching
     # allocator's) and row lengths that are multiples of 16; K only where it may be even.
     divisible=lambda signature: tuple(

@@ -441,11 +441,17 @@ seg_cast_kernel = triton.autotune(CAST_CONFIGS, key=[])(_seg_cast_kernel)
 # Ahead-of-time compiles (triton_kernels.aot)
 # --------------------------------------------------------------------------------------------
 
-# The usual LoRA rank (BLOCK_R 16) and the largest common one (64), the register high-water mark.
-RANKS = (16, 64)
+# Padded rank blocks compiled: the usual LoRA rank (BLOCK_R 16) up to 128. SWEEP_RANKS, where
+# every autotune config is compiled: 16 and the largest common rank, 64, the register high-water
+# mark.
+RANKS = (16, 32, 64, 128)
+SWEEP_RANKS = (16, 64)
+# MAX_SEG: 16 for up to 16 adapters per batch (one compile for the usual counts), 64 for up to 64.
+_MAX_SEGS = (16, 64)
+_ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
-def _aot_signatures(dtype: str) -> dict:
+def _aot_signatures(dtype: str, flags: dict) -> dict:
     """Runtime argument types of each kernel for ``dtype`` inputs."""
     t = f"*{dtype}"
     seg = {"lr_ptr": t, "order_ptr": "*i64", "table_ptr": "*i64", "n": "i32", "M_ACTIVE": "i32"}
@@ -460,22 +466,22 @@ def _aot_signatures(dtype: str) -> dict:
 
 
 AOT = AotSpec(
-    # Dropout on where a kernel has it (the mask is the largest live state).
+    # Dropout each way where a kernel has it, on first (the mask is the largest live state).
     kernels={
-        "shrink": (seg_shrink_kernel, {"HAS_DROPOUT": True}),
-        "expand": (seg_expand_kernel, {}),
-        "dy": (seg_dy_kernel, {}),
-        "dadx": (seg_dadx_kernel, {"HAS_DROPOUT": True}),
+        "shrink": (seg_shrink_kernel, {"HAS_DROPOUT": (True, False), "MAX_SEG": _MAX_SEGS}),
+        "expand": (seg_expand_kernel, {"MAX_SEG": _MAX_SEGS}),
+        "dy": (seg_dy_kernel, {"MAX_SEG": _MAX_SEGS}),
+        "dadx": (seg_dadx_kernel, {"HAS_DROPOUT": (True, False), "MAX_SEG": _MAX_SEGS}),
         "cast": (seg_cast_kernel, {}),
     },
     signatures=_aot_signatures,
     variants=RANKS,
+    sweep_variants=SWEEP_RANKS,
     variant_tag="r",
-    # MAX_SEG 16: up to 16 adapters per batch, one compile (more adapters only widen the search).
-    # UNIT 8: table addresses in 16-byte units of a 16-bit dtype (the aligned case).
-    variant_constexprs=lambda kernel, rank: (
-        {"UNIT": 8} if kernel == "cast" else
-        {"UNIT": 8, "BLOCK_R": block_r(rank), "MAX_SEG": 16, "DOT_PRECISION": "tf32"}),
+    variant_constexprs=lambda kernel, rank: {} if kernel == "cast" else {"BLOCK_R": block_r(rank)},
+    # UNIT: the table's addresses in 16-byte units when every tensor is 16-byte aligned, else in
+    # elements (_address_unit).
+    layout_constexprs=lambda kernel, dtype, aligned: {"UNIT": 16 // _ELEMENT_BYTES[dtype] if aligned else 1},
     # Caching-allocator pointers (16-byte aligned) and row lengths N, K multiples of 16, as the
     # JIT specialises them for real layers.
     divisible=lambda signature: tuple(name for name in signature if name.endswith("_ptr") or name in ("N", "K")),
