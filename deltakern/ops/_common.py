@@ -30,11 +30,16 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (a parameter of a module sharded with FSDP2's ``fully_shard``)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
 def check_tensor(op: str, name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"deltakern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(t, dtensor):
+    if is_dtensor(t):
         # A DTensor passes every other check (global shape, dtype, device) and would reach the
         # kernels, whose custom ops have no sharding rule: the op would fail inside torch's
         # dispatcher, or run on a shard.

@@ -7,16 +7,23 @@ A directory written by :func:`save` holds
     the model has a method in PEFT's format; PEFT's format holds one method per checkpoint;
   - ``<stem>.json`` + ``<stem>.safetensors`` for each method in a format of deltakern's own
     (``deltakern_adapters``, ``deltakern_bitfit``).
+
+A model sharded with FSDP2's ``fully_shard`` (or holding other DTensor parameters) is saved as
+the unsharded model would be: :func:`save` all-gathers the delta tensors on every rank of the
+parameters' device mesh and the mesh's first rank writes the files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 from torch import nn
 
+from ..ops._common import is_dtensor
 from ..registry import MethodSpec, OwnFormat, PeftFormat, methods
+from .common import delta_parameter_ids
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -30,12 +37,47 @@ def _formats() -> tuple[list[MethodSpec], list[MethodSpec]]:
     return peft, own
 
 
-def _write(directory: str, config_name: str, weights_name: str, config: dict, state: dict) -> None:
+def _device_mesh(model: nn.Module):
+    """The device mesh of the model's first DTensor parameter (FSDP2 shards every parameter over
+    one mesh), or None for a model without DTensor parameters."""
+    return next((p.device_mesh for p in model.parameters() if is_dtensor(p)), None)
+
+
+@contextlib.contextmanager
+def _whole_delta_parameters(model: nn.Module):
+    """Within the block, each delta parameter of ``model`` that is a DTensor (sharded by FSDP2's
+    ``fully_shard``) is replaced by its whole tensor, so the methods' checkpoint functions read and
+    compute (a prefix's projection, a P-tuning encoder) exactly what they read unsharded. Each is
+    all-gathered: every rank of the mesh must enter, and does so in the same (module) order. The
+    frozen base stays sharded."""
+    delta = delta_parameter_ids(model)
+    swapped = []
+    try:
+        for module in model.modules():
+            for name, parameter in list(module._parameters.items()):
+                if parameter is not None and id(parameter) in delta and is_dtensor(parameter):
+                    whole = nn.Parameter(parameter.detach().full_tensor(), requires_grad=parameter.requires_grad)
+                    module._parameters[name] = whole
+                    swapped.append((module, name, parameter))
+        yield
+    finally:
+        for module, name, parameter in reversed(swapped):
+            module._parameters[name] = parameter
+
+
+def _write(directory: str, config_name: str, weights_name: str, config: dict, state: dict, writes: bool = True) -> None:
+    """Write ``config`` and ``state``; a DTensor left in ``state`` (a base tensor a method saves,
+    e.g. prompt tuning's classification head) is all-gathered first, on every rank, and only a
+    rank with ``writes`` writes."""
     from safetensors.torch import save_file
 
+    state = {k: (v.detach().full_tensor() if is_dtensor(v) else v.detach()).contiguous().cpu()
+             for k, v in state.items()}
+    if not writes:
+        return
     with open(os.path.join(directory, config_name), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(directory, weights_name))
+    save_file(state, os.path.join(directory, weights_name))
 
 
 def _read(directory: str, config_name: str, weights_name: str) -> tuple[dict, dict]:
@@ -60,6 +102,12 @@ def save(model: nn.Module, path: str | os.PathLike, selected_adapters: list[str]
     ``path/<name>/``, each a complete PEFT checkpoint (``PeftModel.from_pretrained(base,
     path/<name>, adapter_name=<name>)`` or ``load_adapter`` reads it). ``selected_adapters``: the
     adapters to write (default: all).
+
+    FSDP2: on a model sharded with ``fully_shard`` (DTensor parameters), call ``save`` on every rank
+    of the mesh with the same arguments: each delta tensor is all-gathered (the frozen base is not),
+    the mesh's first rank (rank 0 of a 1-D mesh) writes exactly the files ``save`` writes for the
+    unsharded model, the other ranks write nothing, and no rank returns before the files are
+    written. Calling it on one rank only hangs in the all-gather (up to the process group's timeout).
     """
     peft, own = _formats()
     peft_present = [m for m in peft if m.present(model)]
@@ -79,19 +127,33 @@ def save(model: nn.Module, path: str | os.PathLike, selected_adapters: list[str]
         if isinstance(selected_adapters, str) or not set(selected_adapters) <= set(known) or not selected_adapters:
             raise ValueError(f"deltakern.save: selected_adapters must be a non-empty list of the model's adapters "
                              f"{known}, got {selected_adapters!r}")
-    os.makedirs(path, exist_ok=True)
-    for method in peft_present:
-        adapters = named.get(method.name)
-        if not adapters:
-            _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *method.checkpoint.save(model))
-            continue
-        for adapter in adapters if selected_adapters is None else [a for a in adapters if a in selected_adapters]:
-            directory = path if adapter == "default" else os.path.join(path, adapter)  # PEFT's layout
-            os.makedirs(directory, exist_ok=True)
-            _write(directory, PEFT_CONFIG, PEFT_WEIGHTS, *method.checkpoint.save_adapter(model, adapter))
-    for method in own_present:
-        stem = method.checkpoint.stem
-        _write(path, f"{stem}.json", f"{stem}.safetensors", *method.checkpoint.save(model))
+    mesh = _device_mesh(model)
+    coordinate = mesh.get_coordinate() if mesh is not None else None
+    writes = mesh is None or (coordinate is not None and not any(coordinate))
+    if writes:
+        os.makedirs(path, exist_ok=True)
+    with _whole_delta_parameters(model):
+        for method in peft_present:
+            adapters = named.get(method.name)
+            if not adapters:
+                _write(path, PEFT_CONFIG, PEFT_WEIGHTS, *method.checkpoint.save(model), writes=writes)
+                continue
+            for adapter in adapters if selected_adapters is None else [a for a in adapters if a in selected_adapters]:
+                directory = path if adapter == "default" else os.path.join(path, adapter)  # PEFT's layout
+                if writes:
+                    os.makedirs(directory, exist_ok=True)
+                _write(directory, PEFT_CONFIG, PEFT_WEIGHTS, *method.checkpoint.save_adapter(model, adapter),
+                       writes=writes)
+        for method in own_present:
+            stem = method.checkpoint.stem
+            _write(path, f"{stem}.json", f"{stem}.safetensors", *method.checkpoint.save(model), writes=writes)
+    if coordinate is not None:
+        import torch.distributed as dist
+
+        # The writer enters the first barrier after writing; with one barrier per mesh dimension,
+        # in order, every rank of the mesh waits for a rank that has waited for the writer.
+        for dim in range(mesh.ndim):
+            dist.barrier(group=mesh.get_group(dim))
 
 
 def load(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
@@ -106,7 +168,15 @@ def load(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = N
     (PEFT's ``load_adapter``), also into a model that has named adapters already; for a directory
     written with several adapters, load ``path`` as ``"default"`` and ``path/<name>`` as each
     other. Only methods with named adapters (LoRA) can be loaded so (NotImplementedError otherwise).
+
+    FSDP2: load into the unsharded base model on every rank, then call ``fully_shard``; the sharded
+    model computes what the saved model computed (sharded or not). A model that is sharded already
+    (DTensor parameters) is a ``ValueError``: delta modules added after ``fully_shard`` would not
+    be part of FSDP2's parameter groups.
     """
+    if _device_mesh(model) is not None:
+        raise ValueError("deltakern.load: the model has DTensor parameters (sharded with fully_shard?); load the "
+                         "checkpoint into the unsharded model on every rank, then call fully_shard")
     peft, own = _formats()
     own_found = [m for m in own if os.path.isfile(os.path.join(path, f"{m.checkpoint.stem}.json"))]
     has_peft = os.path.isfile(os.path.join(path, PEFT_CONFIG))

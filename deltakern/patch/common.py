@@ -3,6 +3,7 @@ swapping a submodule by its qualified name."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,19 @@ def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def model_class(model: nn.Module) -> type:
+    """The class of ``model`` as transformers made it: FSDP2's ``fully_shard`` swaps a module's class
+    for a subclass ``FSDP<Name>`` of ``(FSDPModule, <Name>)``, which no auto-class table names."""
+    cls = type(model)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever called fully_shard
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    if fsdp_module is not None and issubclass(cls, fsdp_module):
+        own = [base for base in cls.__bases__ if base is not fsdp_module]
+        if len(own) == 1:
+            return own[0]
+    return cls
+
+
 def peft_task_type(model: nn.Module) -> str | None:
     """PEFT's task_type for a transformers model class (what PeftModelFor<task> wraps), from
     transformers' auto-class tables; None for a class no PEFT task covers (a masked LM, a non-HF model)."""
@@ -91,7 +105,7 @@ def peft_task_type(model: nn.Module) -> str | None:
         ("QUESTION_ANS", auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES),
         ("FEATURE_EXTRACTION", auto.MODEL_MAPPING_NAMES),
     )
-    name = type(model).__name__
+    name = model_class(model).__name__
     for task, table in tables:
         for classes in table.values():
             if name == classes or (isinstance(classes, (tuple, list)) and name in classes):
@@ -104,7 +118,8 @@ def peft_config_fields(model: nn.Module, peft_type: str, task_type: str | None) 
     without a task type PEFT records the model class it wrapped in ``auto_mapping``."""
     auto_mapping = None
     if task_type is None:
-        auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+        cls = model_class(model)
+        auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     return {"peft_type": peft_type, "task_type": task_type, "auto_mapping": auto_mapping,
             "base_model_name_or_path": model.__dict__.get("name_or_path", None) or None, "revision": None,
             "inference_mode": True}
