@@ -155,13 +155,15 @@ class NF4Weight:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @classmethod
-    def from_bnb(cls, weight) -> NF4Weight:
+    def from_bnb(cls, weight, quant_state=None) -> NF4Weight:
         """The NF4 weight of a bitsandbytes ``Params4bit`` (or ``Linear4bit.weight``), sharing its
-        storage (no requantisation, no copy of the codes).
+        storage (no requantisation, no copy of the codes). ``quant_state``: the state to read
+        instead of ``weight.quant_state``, for a weight that lost it (FSDP2 makes the packed codes
+        a plain parameter; ``Linear4bit.quant_state`` keeps a copy).
 
         Raises ValueError when it is not NF4 (FP4, or not quantised yet) or lacks its quant state.
         """
-        state = getattr(weight, "quant_state", None)
+        state = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
         if state is None:
             raise ValueError(
                 f"deltakern.nf4: expected a quantised bitsandbytes Params4bit with a quant_state, got "

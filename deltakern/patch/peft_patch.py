@@ -92,10 +92,24 @@ def _peft_linear4bit_class():
     return Linear4bit
 
 
+def _quant_state(base: nn.Module):
+    """The bitsandbytes quant state of a ``Linear4bit``'s weight, or None. FSDP2 turns the
+    ``Params4bit`` into a plain parameter without ``quant_state`` (on every unshard); bitsandbytes
+    keeps a copy on the module (``Linear4bit.quant_state``) for this, read when the weight has none."""
+    return getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+
+
 def _is_nf4_base(base: nn.Module) -> bool:
     """Whether ``base`` is a bitsandbytes ``Linear4bit`` holding an NF4-quantised weight."""
-    state = getattr(base.weight, "quant_state", None)
-    return _is_linear4bit(base) and state is not None and state.quant_type == "nf4"
+    if not _is_linear4bit(base):
+        return False
+    state = _quant_state(base)
+    return state is not None and state.quant_type == "nf4"
+
+
+def _nf4_weight(base: nn.Module) -> NF4Weight:
+    """An NF4 ``Linear4bit``'s weight as an :class:`NF4Weight` (its storage, read in place)."""
+    return NF4Weight.from_bnb(base.weight, _quant_state(base))
 
 
 def _is_linear4bit(module: nn.Module) -> bool:
@@ -107,7 +121,7 @@ def _is_linear4bit(module: nn.Module) -> bool:
 def _base_dtype(base: nn.Module) -> torch.dtype:
     """The dtype the base layer computes in: its weight's, or a 4-bit layer's compute dtype."""
     if _is_nf4_base(base):
-        return base.compute_dtype or base.weight.quant_state.dtype
+        return base.compute_dtype or _quant_state(base).dtype
     return base.weight.dtype
 
 
@@ -207,7 +221,7 @@ def _dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as ``[out, in]``: a transposed view of a Conv1D's ``[in, out]`` weight, or an
     NF4 weight dequantised to ``dtype`` (bit for bit bitsandbytes' ``dequantize_4bit``)."""
     if _is_nf4_base(base):
-        return NF4Weight.from_bnb(base.weight).dequantize(dtype)
+        return _nf4_weight(base).dequantize(dtype)
     return base.weight.t() if is_conv1d(base) else base.weight
 
 
@@ -216,8 +230,8 @@ def _single_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
     base = self.base_layer
     p = _dropout_p(self, adapter)
     dora = _is_dora(self, adapter)
-    if _is_nf4_base(base) and not dora:  # bitsandbytes' Params4bit, read in place
-        return qlora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+    if _is_nf4_base(base) and not dora:  # bitsandbytes' Params4bit codes, read in place
+        return qlora_linear(x, _nf4_weight(base), base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                             self.scaling[adapter], p)
     if _is_nf4_base(base):
         # QDoRA: the NF4 weight dequantised to x's dtype on every call, as PEFT's DoRA does over a
@@ -258,7 +272,7 @@ def _summed_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
                                                    [self.lora_B[a].weight for a in fused],
                                                    [self.scaling[a] for a in fused])
     if _is_nf4_base(base):
-        y = qlora_linear(x, base.weight, base.bias, lora_A, lora_B, scaling, fused_p)
+        y = qlora_linear(x, _nf4_weight(base), base.bias, lora_A, lora_B, scaling, fused_p)
     else:
         y = lora_linear(x, _dense_weight(base, x.dtype), base.bias, lora_A, lora_B, scaling, fused_p)
     for a in rest:

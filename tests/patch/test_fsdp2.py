@@ -6,7 +6,7 @@ writes what it writes for the unsharded one, and ``deltakern.load`` then ``fully
 the model that was saved. Then what the delta modules meet in a real run: ``torch.compile`` of
 each sharded decoder layer with ``fullgraph=True`` (no graph break), LoRA dropout (each rank's mask
 is a function of the seed and the row's position in that rank's batch), and QLoRA's NF4 base under
-``fully_shard``.
+``fully_shard``. Last, a rank that dies or stalls mid-step: the other fails in bounded time.
 
 One spawn of two workers runs every case (starting Python, torch and transformers twice is most
 of the cost); each test then checks its own case's records. Everything distributed is bounded in
@@ -457,12 +457,11 @@ def _errors(out) -> str:
     return "\n".join(lines) or "none recorded"
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory) -> list[dict]:
-    """The records of both workers; the workers are killed, and every test fails, on a hang."""
-    out = tmp_path_factory.mktemp("fsdp2")
-    context = mp.spawn(_worker, args=(WORLD, str(out / "init"), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+def wait_for_workers(context, timeout_s: float) -> str | None:
+    """Wait for ``mp.spawn(..., join=False)``'s workers: None when every one exited cleanly, else
+    why not. A worker that dies makes ``join`` terminate the others and report its exit code; a
+    hang past ``timeout_s`` kills them all."""
+    deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=max(0.0, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
@@ -471,11 +470,84 @@ def sharded(tmp_path_factory) -> list[dict]:
                         process.kill()
                 for process in context.processes:
                     process.join(5)
-                pytest.fail(f"the FSDP2 workers did not finish within {SPAWN_TIMEOUT_S} s (a hang); killed them. "
-                            f"Errors recorded:\n{_errors(out)}")
-    except ProcessException as died:  # join() has terminated the other worker
-        pytest.fail(f"an FSDP2 worker died: {died}. Errors recorded:\n{_errors(out)}")
+                return f"the FSDP2 workers did not finish within {timeout_s} s (a hang); killed them"
+    except ProcessException as died:  # join() has terminated the other workers
+        return f"an FSDP2 worker died: {died}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> list[dict]:
+    """The records of both workers; the workers are killed, and every test fails, on a hang."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    context = mp.spawn(_worker, args=(WORLD, str(out / "init"), str(out)), nprocs=WORLD, join=False)
+    failure = wait_for_workers(context, SPAWN_TIMEOUT_S)
+    if failure:
+        pytest.fail(f"{failure}. Errors recorded:\n{_errors(out)}")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+# A rank that dies, or stalls, in the middle of a step: the collective timeout of the process group.
+DYING_COLLECTIVE_TIMEOUT_S = 10
+DYING_EXIT_CODE = 3
+
+
+def _dying_worker(rank: int, world: int, init_file: str, out_dir: str, how: str) -> None:
+    """LoRA under FSDP2, one step on both ranks; in the second, rank 1 exits (``how="dies"``) or
+    sleeps past the collective timeout (``"stalls"``) between the forward and the backward (whose
+    reduce-scatter rank 0 then waits for). Rank 0 records how its step ended and how long it
+    waited."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=DYING_COLLECTIVE_TIMEOUT_S))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    model = _shard(build("lora"), init_device_mesh("cpu", (world,)))
+    data = {k: v.chunk(WORLD)[rank] for k, v in whole_batch().items()}
+    model(**data).loss.backward()
+    loss = model(**data).loss
+    if rank == 1 and how == "dies":
+        os._exit(DYING_EXIT_CODE)  # no cleanup, as a killed or crashed process
+    if rank == 1:
+        time.sleep(SPAWN_TIMEOUT_S)  # killed by the harness long before
+    start = time.monotonic()
+    try:
+        loss.backward()
+        record = {"error": None}
+    except Exception as error:  # noqa: BLE001 - recorded, judged by the test
+        record = {"error": f"{type(error).__name__}: {error}"}
+    record["waited_s"] = time.monotonic() - start
+    _save(record, os.path.join(out_dir, "survivor.pt"))
+    os._exit(0)  # destroy_process_group would wait for the dead rank
+
+
+@pytest.mark.parametrize("how", ["dies", "stalls"])
+def test_a_rank_dying_mid_step_fails_the_other_in_bounded_time_never_a_hang(how, tmp_path, capsys):
+    """Rank 1 dies (or stalls) between a step's forward and backward: rank 0's backward raises
+    (gloo sees the closed connection at once; a stalled peer hits the collective timeout) instead
+    of waiting forever, and the harness reports the dead rank with its exit code, or kills the
+    stalled one and reports a hang."""
+    start = time.monotonic()
+    context = mp.spawn(_dying_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path), how), nprocs=WORLD,
+                       join=False)
+    survivor, other = context.processes
+    survivor.join(SPAWN_TIMEOUT_S)
+    survivor_alive = survivor.is_alive()
+    failure = wait_for_workers(context, 5)
+    elapsed = time.monotonic() - start
+    assert not survivor_alive, f"rank 0 still waits {SPAWN_TIMEOUT_S} s after rank 1 {how}: a hang"
+    record = torch.load(tmp_path / "survivor.pt", weights_only=False)
+    assert record["error"] is not None, f"rank 0's backward completed although rank 1 {how}"
+    assert record["waited_s"] <= DYING_COLLECTIVE_TIMEOUT_S + 5, record
+    if how == "dies":
+        assert other.exitcode == DYING_EXIT_CODE, other.exitcode
+        assert failure is not None and f"exit code {DYING_EXIT_CODE}" in failure, failure
+    else:
+        assert record["waited_s"] >= DYING_COLLECTIVE_TIMEOUT_S - 1, record  # the timeout, not a reset
+        assert not other.is_alive() and failure is not None and "(a hang); killed them" in failure, failure
+    with capsys.disabled():
+        print(f"\n[fsdp2 rank 1 {how}] rank 0 failed after {record['waited_s']:.1f} s with "
+              f"{record['error'][:120]!r}; harness: {failure!r}; {elapsed:.1f} s in all")
 
 
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
@@ -712,8 +784,8 @@ def bnb_case(sharded) -> tuple[dict, list[dict]]:
 def test_peft_qlora_over_bitsandbytes_under_fsdp2_matches_one_process(bnb_case, capsys):
     """PEFT's QLoRA over bitsandbytes ``Linear4bit``, patched, then ``fully_shard``: FSDP2 shards
     the ``Params4bit`` as a plain uint8 DTensor and drops its ``quant_state``; bitsandbytes keeps a
-    copy on the module (``Linear4bit.quant_state``) and restores it in its own forward, so PEFT's
-    path computes the right losses and gradients (within 1e-5 relative of one process)."""
+    copy on the module (``Linear4bit.quant_state``), which the patched layer reads, so the losses
+    and gradients equal one process's (within 1e-5 relative)."""
     single, got = bnb_case
     for rank, records in enumerate(got):
         _assert_steps_equal(records, single, f"rank {rank} peft_qlora_bnb")
@@ -723,10 +795,10 @@ def test_peft_qlora_over_bitsandbytes_under_fsdp2_matches_one_process(bnb_case, 
               f"{[r['frozen_bytes'] for r in got]}")
 
 
-@pytest.mark.xfail(strict=True, reason="deltakern.patch's layer finds no quant_state on the unsharded Params4bit "
-                   "(patch/peft_patch.py _is_nf4_base reads weight.quant_state only) and falls back to PEFT's "
-                   "forward: bitsandbytes dequantises the whole weight per call")
 def test_peft_qlora_over_bitsandbytes_under_fsdp2_runs_the_fused_op(bnb_case):
+    """The patched layers find the NF4 quant state on the ``Linear4bit`` module when the unsharded
+    weight has lost it, and run the fused ``qlora_linear`` on every rank, never on a DTensor."""
     _, got = bnb_case
     for rank, records in enumerate(got):
         assert {"qlora_linear_fwd", "qlora_linear_bwd"} <= records["ops_ran"], (rank, records["ops_ran"])
+        assert not records["ops_given_dtensor"], (rank, records["ops_given_dtensor"])
