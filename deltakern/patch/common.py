@@ -113,6 +113,42 @@ def peft_task_type(model: nn.Module) -> str | None:
     return None
 
 
+# Tasks whose head PEFT's prompt learning (prompt tuning, P-tuning, prefix tuning) trains and saves
+# beside the prompt (its modules_to_save), and the top-level head names it looks for.
+HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+HEADS = ("classifier", "score")
+
+
+def task_head_checkpoint(model: nn.Module, task: str | None) -> tuple[list[str] | None, dict[str, torch.Tensor]]:
+    """``(modules_to_save, state)`` of the task head as PEFT's prompt-learning checkpoints hold it:
+    for sequence and token classification the head's tensors as ``base_model.<name>`` (PEFT insists
+    on finding them), else ``(None, {})``."""
+    if task not in HEAD_TASKS:
+        return None, {}
+    state = {f"base_model.{name}": parameter.detach().clone() for name, parameter in model.named_parameters()
+             if name.split(".", 1)[0] in HEADS}
+    return list(HEADS), state
+
+
+def load_base_model_tensors(model: nn.Module, state: dict[str, torch.Tensor], caller: str) -> None:
+    """Copy each ``base_model.<name>`` tensor of a PEFT checkpoint (a saved task head) into the
+    model's parameter ``<name>``; one the model lacks, or of another shape, raises a ValueError
+    before anything is copied."""
+    targets = {}
+    for key, value in state.items():
+        name = key.removeprefix("base_model.")
+        try:
+            targets[key] = model.get_parameter(name)
+        except AttributeError:
+            raise ValueError(f"{caller}: the checkpoint holds {key!r}, which {type(model).__name__} has no parameter for") from None
+        if tuple(targets[key].shape) != tuple(value.shape):
+            raise ValueError(f"{caller}: the checkpoint's {key!r} has shape {tuple(value.shape)}, the model's "
+                             f"{tuple(targets[key].shape)}")
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(state[key])
+
+
 def peft_config_fields(model: nn.Module, peft_type: str, task_type: str | None) -> dict:
     """The fields every PEFT ``adapter_config.json`` has, as PEFT writes them for ``model``:
     without a task type PEFT records the model class it wrapped in ``auto_mapping``."""

@@ -49,7 +49,7 @@ from torch import nn
 from ..nn import PrefixEncoder
 from ..ops import prefix_attention
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
-from .common import freeze_base, peft_config_fields, peft_task_type
+from .common import freeze_base, load_base_model_tensors, peft_config_fields, peft_task_type, task_head_checkpoint
 from .families import blocks, family_of
 
 IMPLEMENTATION = "deltakern"
@@ -392,7 +392,9 @@ def peft_prefix_checkpoint(model: nn.Module) -> tuple[dict, dict]:
 
     The weights are ``{"prompt_embeddings": [P, num_layers·2·Hkv·D]}``: the prefixes themselves,
     also when the prefix is reparameterised (PEFT saves the projection's output and loads it into a
-    direct encoder; ``prefix_projection`` in the config records that it was projected).
+    direct encoder; ``prefix_projection`` in the config records that it was projected). Sequence
+    and token classification also hold the head (``base_model.classifier.*`` or
+    ``base_model.score.*``), as PEFT's do.
 
     Raises:
         NotImplementedError: a T5 prefix in the encoder (PEFT has no such layout), or a model class
@@ -421,16 +423,21 @@ def peft_prefix_checkpoint(model: nn.Module) -> tuple[dict, dict]:
     }
     with torch.no_grad():
         state = {"prompt_embeddings": encoder.prompt_embeddings().detach().clone()}
-    return config, state
+    # Sequence and token classification: PEFT trains the task head too and saves it beside the
+    # prefixes (base_model.classifier.* or base_model.score.*), as for prompt tuning.
+    config["modules_to_save"], head = task_head_checkpoint(model, task)
+    return config, {**state, **head}
 
 
 def load_peft_prefix(model: nn.Module, config: dict, state: dict) -> nn.Module:
     """Add the prefix a PEFT prefix-tuning checkpoint describes to the plain base ``model`` and
-    load its ``prompt_embeddings``; returns the model.
+    load its ``prompt_embeddings``, and a saved task head (``base_model.<name>``) into the base
+    model; returns the model.
 
     Raises:
         ValueError: the checkpoint does not fit the model (virtual tokens, layers, key/value heads,
-            head size, seq2seq or not) or lacks ``prompt_embeddings``.
+            head size, seq2seq or not), lacks ``prompt_embeddings``, or holds a tensor the model has
+            no parameter for.
     """
     caller = "deltakern.load"
     if config.get("peft_type") != "PREFIX_TUNING":
@@ -462,6 +469,7 @@ def load_peft_prefix(model: nn.Module, config: dict, state: dict) -> nn.Module:
             raise ValueError(f"{caller}: the checkpoint's {key}={config.get(key)!r} does not fit {type(model).__name__} "
                              f"(expected {value})")
     layout = _PEFT_SEQ2SEQ if seq2seq else _BLOCKS
+    load_base_model_tensors(model, {k: v for k, v in state.items() if k != "prompt_embeddings"}, caller)
     encoder = _attach(model, config.get("num_virtual_tokens"), None, layout, caller)
     prompt_embeddings = state["prompt_embeddings"].to(device=encoder.embedding.weight.device,
                                                       dtype=encoder.embedding.weight.dtype)

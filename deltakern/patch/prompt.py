@@ -32,14 +32,11 @@ from torch import nn
 from ..nn import PromptEncoder
 from ..nn.prompt import ENCODERS
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
-from .common import freeze_base, peft_config_fields, peft_task_type
+from .common import freeze_base, load_base_model_tensors, peft_config_fields, peft_task_type, task_head_checkpoint
 
 PROMPT_ATTRIBUTE = "deltakern_prompt"
 # Model classes whose labels have one entry per input token (and so get -100 on virtual tokens).
 _TOKEN_LABELS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForTokenClassification")
-# Tasks whose head PEFT saves beside the prompt, and the top-level head names it looks for.
-_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS")
-_HEADS = ("classifier", "score")
 
 
 def _input_embeddings(model: nn.Module, caller: str) -> nn.Embedding:
@@ -290,14 +287,8 @@ def peft_prompt_checkpoint(model: nn.Module) -> tuple[dict, dict]:
                       tokenizer_name_or_path=None)
     with torch.no_grad():
         state = {"prompt_embeddings": prompt().detach().clone()}
-    if task in _HEAD_TASKS:
-        # PEFT trains and saves the task head of these tasks (its modules_to_save) and insists on
-        # finding it in the checkpoint; ours is the base model's.
-        config["modules_to_save"] = list(_HEADS)
-        for name, parameter in model.named_parameters():
-            if name.split(".", 1)[0] in _HEADS:
-                state[f"base_model.{name}"] = parameter.detach().clone()
-    return config, state
+    config["modules_to_save"], head = task_head_checkpoint(model, task)
+    return config, {**state, **head}
 
 
 def load_peft_prompt(model: nn.Module, config: dict, state: dict) -> nn.Module:
@@ -331,17 +322,9 @@ def load_peft_prompt(model: nn.Module, config: dict, state: dict) -> nn.Module:
     if tuple(weights.shape) != tuple(prompt.embedding.weight.shape):
         raise ValueError(f"{caller}: prompt_embeddings of shape {tuple(weights.shape)} do not fit {type(model).__name__} "
                          f"(expected {tuple(prompt.embedding.weight.shape)})")
+    load_base_model_tensors(model, {k: v for k, v in state.items() if k != "prompt_embeddings"}, caller)
     with torch.no_grad():
         prompt.embedding.weight.copy_(weights)
-        for key, value in state.items():
-            if key == "prompt_embeddings":
-                continue
-            name = key.removeprefix("base_model.")
-            try:
-                target = model.get_parameter(name)
-            except AttributeError:
-                raise ValueError(f"{caller}: the checkpoint holds {key!r}, which {type(model).__name__} has no parameter for") from None
-            target.copy_(value)
     return model
 
 

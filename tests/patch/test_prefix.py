@@ -290,3 +290,27 @@ def test_bad_input():
     roberta = deltakern.add_prefix(build("roberta"), 120)
     with pytest.raises(ValueError, match=r"position 130 \(P=120 .* beyond the 130 absolute positions of RobertaEmbeddings"):
         roberta(**models.inputs("roberta"))
+
+
+def test_classifier_prefix_checkpoint_holds_the_head_and_a_wrong_head_is_a_clear_error(tmp_path):
+    """Prefix tuning of a sequence-classification model saves its task head beside the prefixes
+    (PEFT's ``modules_to_save`` for SEQ_CLS) and loads it back; a saved head that does not fit the
+    model raises before anything is loaded."""
+    from safetensors.torch import load_file, save_file
+
+    model = deltakern.add_prefix(models.build("bert", task="cls"), P)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    deltakern.save(model, tmp_path / "ckpt")
+    state = load_file(tmp_path / "ckpt" / "adapter_model.safetensors")
+    assert set(state) == {"prompt_embeddings", "base_model.classifier.weight", "base_model.classifier.bias"}
+    batch = models.inputs("bert")
+    loaded = deltakern.load(models.build("bert", task="cls"), tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)
+    state["base_model.classifier.weight"] = state["base_model.classifier.weight"][:2]
+    save_file(state, tmp_path / "ckpt" / "adapter_model.safetensors")
+    fresh = models.build("bert", task="cls")
+    with pytest.raises(ValueError, match=r"'base_model.classifier.weight' has shape \(2, 32\), the model's \(3, 32\)"):
+        deltakern.load(fresh, tmp_path / "ckpt")
+    assert not prefix_method.has_prefix(fresh)
