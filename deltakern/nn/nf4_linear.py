@@ -15,10 +15,12 @@ _NESTED = ("offset", "nested_absmax", "nested_code")
 class NF4Linear(nn.Module):
     """``y = x Ŵᵀ + b`` with Ŵ ``[out, in]`` held in NF4 and dequantised to x's dtype when used.
 
-    The quantised weight lives in buffers (``weight``: the packed uint8 codes
-    ``[ceil(out·in/2)]``, as bitsandbytes' ``Linear4bit.weight`` holds them; ``weight_absmax``;
-    and with nested quantisation ``weight_offset``, ``weight_nested_absmax``,
-    ``weight_nested_code``), so ``state_dict``, ``.to(device)`` and ``load_state_dict`` carry them.
+    The packed uint8 codes ``[ceil(out·in/2)]`` are a frozen ``nn.Parameter`` ``weight``, as
+    bitsandbytes' ``Linear4bit.weight`` (a ``Params4bit``) holds them, so that FSDP2's
+    ``fully_shard`` shards them with the other frozen weights; the block scales and nested state
+    are buffers (``weight_absmax``; with nested quantisation ``weight_offset``,
+    ``weight_nested_absmax``, ``weight_nested_code``), as bitsandbytes keeps them in the weight's
+    quant state, replicated. ``state_dict``, ``.to(device)`` and ``load_state_dict`` carry them all.
     ``.to(dtype)`` changes the compute dtype and the bias, never the quantised bytes. The bias
     stays a frozen ``nn.Parameter``.
 
@@ -35,7 +37,7 @@ class NF4Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.blocksize = weight.blocksize
         self.compute_dtype = weight.dtype
-        self.register_buffer("weight", weight.packed)
+        self.weight = nn.Parameter(weight.packed, requires_grad=False)
         self.register_buffer("weight_absmax", weight.absmax)
         self.nested = weight.nested
         for name in _NESTED:
@@ -66,9 +68,11 @@ class NF4Linear(nn.Module):
         return nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
 
     def _apply(self, fn, recurse=True):
-        # Only the device of a quantised buffer may change: a float cast would destroy the fp32
-        # scales. A dtype change (model.to(bfloat16), .half()) becomes the compute dtype.
+        # Only the device of the codes and the quantised buffers may change: a float cast would
+        # destroy the fp32 scales. A dtype change (model.to(bfloat16), .half()) becomes the
+        # compute dtype.
         probe = fn(torch.empty((), dtype=self.compute_dtype, device=self.weight.device))
+        self.weight.data = self.weight.data.to(probe.device)
         for name, buffer in self._buffers.items():
             if buffer is not None:
                 self._buffers[name] = buffer.to(probe.device)
