@@ -8,9 +8,11 @@
 | ``reference`` | anything: the pure-PyTorch ground truth                      |
 
 The automatic choice is triton, then cuda, then reference for CUDA tensors, and cpu, then
-reference for CPU tensors. A forced backend that cannot run a call raises
-:class:`BackendUnavailableError` naming the backend and the reason; only the automatic choice
-falls back.
+reference for CPU tensors, skipping a backend that cannot run the call: one that is not
+available here, or that does not compute in the call's dtype (:data:`BACKEND_DTYPES`: fp16 on
+the CPU runs on ``reference``, as a PEFT model cast to fp16 does in eager PyTorch). A forced
+backend that cannot run a call raises (:class:`BackendUnavailableError`, or a ``ValueError``
+naming the dtypes it computes in); only the automatic choice falls back.
 
 Under ``torch.compile`` the choice is a trace-time constant, and a change of forced backend
 recompiles rather than raising: dynamo guards on the forced backend, so the first call of a
@@ -53,6 +55,13 @@ from . import _native
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 ENV_VAR = "DELTAKERN_BACKEND"
+# Dtypes each backend computes in (DESIGN.md, "Op contracts"); reference takes any float dtype.
+BACKEND_DTYPES = {
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+    "reference": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+}
 
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("deltakern_backend", default=None)
@@ -128,21 +137,22 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     return None
 
 
-def select_backend(op: str, device_type: str) -> str:
-    """The backend that runs ``op`` on ``device_type`` tensors.
+def select_backend(op: str, device_type: str, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` on ``device_type`` tensors of ``dtype`` (None: any dtype; the
+    automatic choice then ignores what dtypes a backend computes in).
 
     Under torch.compile the result is a trace-time constant guarded on the forced backend:
     changing ``use_backend``/``DELTAKERN_BACKEND`` recompiles (see the module docstring).
     """
     if torch.compiler.is_compiling() and not _dynamo_guards_context_vars():
-        return _choose_unguarded(op, device_type)
+        return _choose_unguarded(op, device_type, dtype)
     # Read here, where dynamo traces the reads and guards on their values; only _choose is
     # assumed constant. The raw values are passed rather than forced_backend()'s result so that
     # an unknown DELTAKERN_BACKEND raises its ValueError from _choose, a plain call at trace
     # time. The environment is not read (so not guarded on) while use_backend overrides it.
     context_name = _forced.get()
     env = _env_value() if context_name is None else ""
-    return _choose(op, device_type, context_name, env, torch.compiler.is_compiling())
+    return _choose(op, device_type, dtype, context_name, env, torch.compiler.is_compiling())
 
 
 @torch.compiler.assume_constant_result
@@ -155,9 +165,9 @@ def _dynamo_guards_context_vars() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _choose_unguarded(op: str, device_type: str) -> str:
+def _choose_unguarded(op: str, device_type: str, dtype: torch.dtype | None) -> str:
     """select_backend under a dynamo without ContextVar support: all of it a constant."""
-    return _choose(op, device_type, _forced.get(), os.environ.get(ENV_VAR, ""), True)
+    return _choose(op, device_type, dtype, _forced.get(), os.environ.get(ENV_VAR, ""), True)
 
 
 def _op_unavailable_reason(op: str, name: str, device_type: str) -> str | None:
@@ -171,7 +181,8 @@ def _op_unavailable_reason(op: str, name: str, device_type: str) -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def _choose(op: str, device_type: str, context_name: str | None, env: str, compiling: bool) -> str:
+def _choose(op: str, device_type: str, dtype: torch.dtype | None, context_name: str | None, env: str,
+            compiling: bool) -> str:
     """select_backend's choice for a given forced backend; a constant under torch.compile."""
     try:
         forced = _forced_from(context_name, env)
@@ -185,6 +196,8 @@ def _choose(op: str, device_type: str, context_name: str | None, env: str, compi
             raise
         raise _passed_by_dynamo(type(error))(str(error)) from None
     for name in _AUTO_ORDER.get(device_type, ("reference",)):
+        if dtype is not None and dtype not in BACKEND_DTYPES[name]:
+            continue
         if _op_unavailable_reason(op, name, device_type) is None:
             return name
     return "reference"

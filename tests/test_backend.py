@@ -229,3 +229,27 @@ def test_an_op_missing_from_the_extension_falls_back_or_names_the_rebuild():
     with deltakern.use_backend("cpu"), pytest.raises(deltakern.BackendUnavailableError,
                                                      match="deltakern._C has no newer_linear kernels"):
         select_backend("newer_linear", "cpu")
+
+
+@needs_cpu_kernels
+def test_the_automatic_choice_skips_a_backend_without_the_dtype():
+    """fp16 on the CPU: the cpu kernels do not compute in it, so every op's automatic choice is the
+    next backend, reference (a PEFT model cast to fp16 keeps working after ``deltakern.patch``);
+    fp64 on CUDA likewise (triton and cuda lack it). Only a forced backend raises, naming its dtypes."""
+    from deltakern.registry import ops
+
+    for op in ops():
+        assert select_backend(op, "cpu", torch.float16) == "reference", op
+        assert select_backend(op, "cpu", torch.float32) == "cpu", op
+        assert select_backend(op, "cpu", torch.bfloat16) == "cpu", op
+        assert select_backend(op, "cuda", torch.float64) == "reference", op
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(5, 12, generator=g).half(), torch.randn(7, 12, generator=g).half()
+    lora_A, lora_B = torch.randn(3, 12, generator=g).half(), torch.randn(7, 3, generator=g).half()
+    y = deltakern.lora_linear(x, weight, None, lora_A, lora_B, 0.5)
+    with deltakern.use_backend("reference"):
+        expected = deltakern.lora_linear(x, weight, None, lora_A, lora_B, 0.5)
+    assert y.dtype == torch.float16 and torch.equal(y, expected)
+    with deltakern.use_backend("cpu"), pytest.raises(ValueError, match="backend 'cpu' computes in float32, bfloat16, "
+                                                                        "float64; got torch.float16"):
+        deltakern.lora_linear(x, weight, None, lora_A, lora_B, 0.5)

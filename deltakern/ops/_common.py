@@ -10,14 +10,8 @@ from typing import Callable
 import torch
 
 from .. import _native
+from ..backend import BACKEND_DTYPES
 
-# Dtypes each backend computes in (DESIGN.md, "Op contracts"); reference takes any float dtype.
-BACKEND_DTYPES = {
-    "triton": (torch.float32, torch.float16, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    "cpu": (torch.float32, torch.bfloat16, torch.float64),
-    "reference": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
-}
 
 
 @functools.cache
@@ -63,6 +57,8 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, named: dict[str, torch
 
 
 def check_backend_dtype(op: str, backend: str, dtype: torch.dtype) -> None:
+    """A forced backend that does not compute in ``dtype`` is an error (the automatic choice
+    never picks one: :func:`deltakern.backend.select_backend`)."""
     if dtype not in BACKEND_DTYPES[backend]:
         names = ", ".join(str(d).removeprefix("torch.") for d in BACKEND_DTYPES[backend])
         raise ValueError(f"deltakern.{op}: backend {backend!r} computes in {names}; got {dtype}")

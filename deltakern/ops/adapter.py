@@ -156,7 +156,7 @@ def adapter(
     _check_inputs(h, w_down, b_down, w_up, b_up, residual)
     check_activation(f"deltakern.{_OP}", activation)
     scaling = check_finite(_OP, "scaling", scaling)
-    backend = select_backend(_OP, h.device.type)
+    backend = select_backend(_OP, h.device.type, h.dtype)
     check_backend_dtype(_OP, backend, h.dtype)
     if backend == "reference":
         return reference.adapter(h, w_down, b_down, w_up, b_up, activation=activation, scaling=scaling, residual=residual)

@@ -155,7 +155,7 @@ def ia3_linear(
         BackendUnavailableError: a forced backend cannot run this call.
     """
     _check_inputs(x, weight, bias, scale, scale_input)
-    backend = select_backend(_OP, x.device.type)
+    backend = select_backend(_OP, x.device.type, x.dtype)
     check_backend_dtype(_OP, backend, x.dtype)
     if backend == "reference":
         return reference.ia3_linear(x, weight, bias, scale, scale_input)

@@ -166,7 +166,7 @@ def prefix_attention(
     """
     _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_finite(_OP, "scale", scale)
-    backend = select_backend(_OP, q.device.type)
+    backend = select_backend(_OP, q.device.type, q.dtype)
     check_backend_dtype(_OP, backend, q.dtype)
     if backend == "reference":
         return reference.prefix_attention(

@@ -186,7 +186,7 @@ def qlora_linear(
     _check_inputs(x, weight, bias, lora_A, lora_B)
     scaling = check_finite(_OP, "scaling", scaling)
     dropout_p = check_probability(_OP, "dropout_p", dropout_p)
-    backend = select_backend(_OP, x.device.type)
+    backend = select_backend(_OP, x.device.type, x.dtype)
     check_backend_dtype(_OP, backend, x.dtype)
     if seed is not None:
         check_seed(_OP, seed)

@@ -292,7 +292,7 @@ def segmented_lora_linear(
     segments = _check_segments(segments, x, x2d.shape[0], len(lora_A))
     if seed is not None:
         check_seed(_OP, seed)
-    backend = select_backend(_OP, x.device.type)
+    backend = select_backend(_OP, x.device.type, x.dtype)
     check_backend_dtype(_OP, backend, x.dtype)
     seeds = adapter_seeds(seed_tensor(seed, max(dropout_p)), len(lora_A))
     if backend == "reference":

@@ -50,10 +50,17 @@ def quantize(model: nn.Module, target_modules: str | list[str] = "all-linear", b
         nested: also quantise the block scales to 8 bits (bitsandbytes' ``compress_statistics``,
             QLoRA's "double quantisation").
 
-    Returns ``model``; its base stays frozen (NF4 weights are buffers, never trained).
+    Layers the model class keeps in full precision (transformers' ``_keep_in_fp32_modules``: T5's
+    ``wo``, whose forward casts its input to ``wo.weight.dtype``) stay dense, as transformers keeps
+    them when it loads a model in 4 bits; ``add_lora`` puts plain LoRA on them.
+
+    Returns ``model``; its base stays frozen (NF4 codes are frozen uint8 parameters, never trained).
     """
     names = resolve_targets(model, target_modules, None, "deltakern.quantize", strict=True)
+    keep_dense = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name in names:
+        if keep_dense.intersection(name.split(".")):
+            continue
         layer = model.get_submodule(name)
         if not isinstance(layer, NF4Linear):
             replace_submodule(model, name, NF4Linear.from_linear(layer, blocksize, nested))

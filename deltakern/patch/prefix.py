@@ -39,6 +39,7 @@ Semantics (PEFT's prefix tuning)
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
@@ -289,6 +290,19 @@ def _check_count(name: str, value, caller: str) -> None:
         raise ValueError(f"{caller}: {name} must be an int >= 1, got {value!r}")
 
 
+def _own_configs(model: nn.Module) -> None:
+    """Give ``model`` and its submodules private copies of their config objects before the
+    attention implementation is switched: the switch writes to the config, and models built from
+    one config object (``LlamaForCausalLM(cfg)`` twice) share it, so the other model would start
+    calling the deltakern attention without a prefix. One deepcopy memo keeps a sub-config that a
+    submodule holds (a composite model's text config) the same object as in its parent's copy."""
+    memo: dict = {}
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if config is not None and hasattr(config, "_attn_implementation"):
+            module.config = copy.deepcopy(config, memo)
+
+
 def _attach(model: nn.Module, num_virtual_tokens: int, projection_hidden: int | None, layout: str,
             caller: str) -> PrefixEncoder:
     _check_count("num_virtual_tokens", num_virtual_tokens, caller)
@@ -329,6 +343,7 @@ def _attach(model: nn.Module, num_virtual_tokens: int, projection_hidden: int | 
         block.attention._deltakern_site = _Site(encoder, slot, block.causal, bias_module)
 
     _register()
+    _own_configs(model)
     model.set_attn_implementation(IMPLEMENTATION)
     _install_position_shift(model, found, encoder, caller)
     freeze_base(model)

@@ -62,3 +62,36 @@ def test_trainable_parameters_counts_tied_weights_once():
     model.lm_head.weight = model.model.embed_tokens.weight
     expected = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert deltakern.trainable_parameters(model).total == expected
+
+
+# Every add_* with the arguments it is tried with on the second of two models sharing one config.
+ADD_METHODS = {
+    "add_lora": lambda m: deltakern.add_lora(m, r=2, alpha=4, target_modules="all-linear"),
+    "add_lora_nf4": lambda m: deltakern.add_lora(m, r=2, alpha=4, target_modules="all-linear", quantize_base="nf4"),
+    "add_prefix": lambda m: deltakern.add_prefix(m, 3),
+    "add_adapters": lambda m: deltakern.add_adapters(m, bottleneck=4),
+    "add_ia3": lambda m: deltakern.add_ia3(m),
+    "add_prompt": lambda m: deltakern.add_prompt(m, 3),
+    "add_bitfit": lambda m: deltakern.add_bitfit(m, add_missing_biases=True),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "t5"])
+@pytest.mark.parametrize("method", ADD_METHODS)
+def test_a_model_sharing_the_config_object_is_left_alone(family, method):
+    """Two models built from one config object; ``add_*`` on the second leaves the first as it
+    was: the same outputs bit for bit, its config unchanged (add_prefix switches the attention
+    implementation on a private copy of the config), its parameters untouched; the second runs."""
+    cfg = models.config(family)
+    model_class = type(models.build(family))  # built by the class itself: from_config would copy cfg
+    torch.manual_seed(0)
+    first, second = model_class(cfg).eval(), model_class(cfg).eval()
+    batch = models.inputs(family)
+    with torch.no_grad():
+        before = first(**batch).logits
+        implementation = cfg._attn_implementation
+        ADD_METHODS[method](second)
+        assert cfg._attn_implementation == implementation and first.config is cfg
+        torch.testing.assert_close(first(**batch).logits, before, rtol=0, atol=0)
+        assert all(p.requires_grad for p in first.parameters()), "the first model's parameters were frozen"
+        assert second(**batch).logits.isfinite().all()

@@ -170,3 +170,16 @@ def test_qlora_module_compiles_without_graph_breaks():
     compiled.sum().backward()
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(x.grad, eager_grad, atol=1e-6, rtol=1e-6)
+
+
+def test_quantize_keeps_the_modules_transformers_keeps_in_fp32_dense():
+    """T5 declares ``_keep_in_fp32_modules = ["wo"]`` (its FFN casts its input to ``wo.weight.dtype``,
+    which a uint8 NF4 weight would turn into bytes): ``quantize`` leaves ``wo`` dense as transformers
+    does when loading in 4 bits, quantises every other target, and the QLoRA model still runs."""
+    model = deltakern.add_lora(build("t5"), r=2, alpha=4, target_modules="all-linear", quantize_base="nf4")
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    dense = sorted(name for name, m in lora.items() if not isinstance(m.base_layer, NF4Linear))
+    assert dense and all(name.endswith(".wo") for name in dense), dense
+    assert len(lora) - len(dense) > len(dense)
+    with torch.no_grad():
+        assert model(**inputs("t5")).logits.isfinite().all()
