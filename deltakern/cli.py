@@ -160,14 +160,17 @@ def _bench(args) -> int:
     from .benchmark import harness
 
     started = time.perf_counter()
-    if args.update_known_problems and not args.gpu_report:
-        print("deltakern bench: --update-known-problems goes with --gpu-report", file=sys.stderr)
-        return 2
+    for flag, given in (("--update-known-problems", args.update_known_problems),
+                        ("--update-compile-records", args.update_compile_records)):
+        if given and not args.gpu_report:
+            print(f"deltakern bench: {flag} goes with --gpu-report", file=sys.stderr)
+            return 2
     if args.gpu_report:
         from .gpu_report import run_gpu_report
 
         with _Progress(None) as bar:
-            return run_gpu_report(args.out, progress=bar, update_known_problems=args.update_known_problems)
+            return run_gpu_report(args.out, progress=bar, update_known_problems=args.update_known_problems,
+                                  update_compile_records=args.update_compile_records)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("deltakern bench: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -299,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--update-known-problems", action="store_true",
                        help="with --gpu-report: rewrite deltakern/triton_kernels/aot_known_problems.py from this "
                             "run's failing Triton rows")
+    bench.add_argument("--update-compile-records", action="store_true",
+                       help="with --gpu-report: rewrite deltakern/triton_kernels/aot_compile_records.json.gz (the "
+                            "committed compile records a cold Triton cache starts from) from this run's compiles")
     bench.add_argument("--out", default="deltakern-bench",
                        help="directory for the CSVs, summary.json and PNG plots (default ./deltakern-bench)")
     bench.set_defaults(run=_bench)

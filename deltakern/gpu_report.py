@@ -19,6 +19,15 @@ failed. Failing Triton rows found when the report grew to every specialisation a
 their problem, in ``triton_kernels/aot_known_problems.py``: they are reported as ``known`` and
 do not fail the report, while a new failing row does, and so does a listed row that no longer
 fails (the list only shrinks: ``--update-known-problems`` rewrites it from a full run).
+
+A cold Triton cache means about an hour of compiles on two cores. The records of the last full
+run are committed (``triton_kernels/aot_compile_records.json.gz``, written by
+``--update-compile-records``) and copied into Triton's cache before compiling, where missing:
+each is filed under the cache key ``triton_kernels.aot`` computes (the kernel's source and what
+it calls, the compile arguments, the Triton and ptxas versions and aot.py itself), so a record is
+only ever read for the exact compile that produced it, and a changed kernel recompiles its own
+jobs. ``DELTAKERN_AOT_RECOMPILE=1`` skips the committed records (with an empty
+``TRITON_CACHE_DIR``: every kernel compiled afresh).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import gzip
 import importlib.util
 import json
 import os
@@ -47,6 +57,10 @@ ARCHS = (80, 90)
 DTYPES = ("fp16", "bf16", "fp32", "tf32")
 # Concurrent compile subprocesses: the two cores of the development machine and of CI runners.
 WORKERS = 2
+# The committed compile records: Triton cache directory name -> its compile_record.json.
+COMPILE_RECORDS = Path(__file__).resolve().parent / "triton_kernels" / "aot_compile_records.json.gz"
+RECOMPILE_ENV = "DELTAKERN_AOT_RECOMPILE"
+_RECORD_FILE = "compile_record.json"
 # Static __shared__ arrays of a CUDA kernel are capped at 48 KiB on every architecture; dynamic
 # shared memory is sized at launch and is not in the cubin.
 CUDA_STATIC_SHARED_LIMIT = 48 * 1024
@@ -201,14 +215,52 @@ def job_key(job) -> str:
                              arch=f"sm_{job.arch}", dtype=job.dtype))
 
 
-def _triton_worker(op: str, arch: int, dtypes: list[str]) -> list[dict]:
-    """Compiles every job of ``op`` for ``sm_<arch>`` and ``dtypes``; the rows as dicts.
+def _triton_cache_dir() -> Path | None:
+    """Triton's file cache directory, or None when a custom cache manager is configured."""
+    from triton import knobs
+
+    return Path(knobs.cache.dir) if knobs.cache.manager_class is None else None
+
+
+def seed_triton_cache() -> int:
+    """Copy the committed compile records that Triton's cache lacks into it (not with
+    ``DELTAKERN_AOT_RECOMPILE=1``); returns how many were copied."""
+    cache = _triton_cache_dir()
+    if cache is None or os.environ.get(RECOMPILE_ENV) == "1" or not COMPILE_RECORDS.exists():
+        return 0
+    records = json.loads(gzip.decompress(COMPILE_RECORDS.read_bytes()))
+    copied = 0
+    for directory, text in records.items():
+        target = cache / directory / _RECORD_FILE
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{_RECORD_FILE}.{os.getpid()}.tmp")
+        partial.write_text(text)
+        os.replace(partial, target)  # whole or not at all, as Triton's own cache writes
+        copied += 1
+    return copied
+
+
+def _triton_worker(op: str, arch: int, dtypes: list[str]) -> dict:
+    """Compiles every job of ``op`` for ``sm_<arch>`` and ``dtypes``: ``{"rows": the rows as
+    dicts, "records": the Triton cache directories its compile records are in}``.
 
     Runs in a subprocess whose environment has no TRITON_INTERPRET, so the kernels are real
     JIT functions (see ``triton_kernels.aot``).
     """
     from deltakern.triton_kernels import aot
 
+    directories = set()
+    cache_manager = aot.get_cache_manager
+
+    def recording_cache_manager(key):
+        # aot keys each record by a hash of everything the compile depends on; note where it is.
+        manager = cache_manager(key)
+        directories.add(Path(manager.cache_dir).name)
+        return manager
+
+    aot.get_cache_manager = recording_cache_manager
     rows = []
     for job in aot.compile_jobs(op, dtypes=tuple(dtypes), archs=(arch,)):
         base = ReportRow(source="triton", op=op, kernel=job.kernel, config=job_config(job), arch=f"sm_{arch}",
@@ -225,14 +277,14 @@ def _triton_worker(op: str, arch: int, dtypes: list[str]) -> list[dict]:
             base, registers=record.registers, spill_bytes=record.spill_stores + record.spill_loads,
             shared_bytes=record.shared, uses_dot=record.uses_dot, mma=record.has_mma, wgmma=record.has_wgmma,
             tensor_cores=tensor_cores)))
-    return rows
+    return {"rows": rows, "records": sorted(directories)}
 
 
 _WORKER = "import json, sys; from deltakern.gpu_report import _triton_worker; " \
           "print(json.dumps(_triton_worker(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(','))))"
 
 
-def _compile_in_subprocess(op: str, arch: int, dtypes: tuple[str, ...]) -> list[ReportRow]:
+def _compile_in_subprocess(op: str, arch: int, dtypes: tuple[str, ...]) -> tuple[list[ReportRow], list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -241,16 +293,19 @@ def _compile_in_subprocess(op: str, arch: int, dtypes: tuple[str, ...]) -> list[
     if done.returncode != 0:
         note = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
         return [ReportRow(source="triton", op=op, kernel="", config="", arch=f"sm_{arch}", dtype=",".join(dtypes),
-                          status="error", note=f"compile subprocess exited with {done.returncode}: {note}")]
-    return [ReportRow(**row) for row in json.loads(done.stdout.strip().splitlines()[-1])]
+                          status="error", note=f"compile subprocess exited with {done.returncode}: {note}")], []
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return [ReportRow(**row) for row in result["rows"]], result["records"]
 
 
 def triton_rows(ops=TRITON_OPS, dtypes=DTYPES, archs=ARCHS,
-                progress: Callable[[str], None] | None = None) -> list[ReportRow]:
+                progress: Callable[[str], None] | None = None, records: set[str] | None = None) -> list[ReportRow]:
     """Compiles every Triton kernel x config x variant of ``ops`` for ``dtypes`` and ``archs``.
 
     One subprocess per (op, arch), :data:`WORKERS` at a time, biggest op first so that the two
-    workers finish together; ``progress`` is called as each (op, arch) finishes.
+    workers finish together; ``progress`` is called as each (op, arch) finishes. The committed
+    compile records are copied into Triton's cache first (:func:`seed_triton_cache`); the cache
+    directories of this run's records are added to ``records`` when given.
     """
     for name, given, known in (("op", ops, TRITON_OPS), ("dtype", dtypes, DTYPES), ("arch", archs, ARCHS)):
         unknown = [x for x in given if x not in known]
@@ -261,6 +316,7 @@ def triton_rows(ops=TRITON_OPS, dtypes=DTYPES, archs=ARCHS,
                           note="triton is not installed (pip install 'deltakern[triton]')") for op in ops]
     from deltakern.triton_kernels import aot
 
+    seed_triton_cache()
     tasks = sorted(((op, arch) for op in ops for arch in archs),
                    key=lambda t: -len(aot.compile_jobs(t[0], dtypes=tuple(dtypes), archs=(t[1],))))
     results = {}
@@ -269,7 +325,9 @@ def triton_rows(ops=TRITON_OPS, dtypes=DTYPES, archs=ARCHS,
         futures = {pool.submit(_compile_in_subprocess, op, arch, tuple(dtypes)): (op, arch) for op, arch in tasks}
         for future in concurrent.futures.as_completed(futures):
             op, arch = futures[future]
-            results[op, arch] = future.result()
+            results[op, arch], directories = future.result()
+            if records is not None:
+                records.update(directories)
             if progress is not None:
                 progress(f"triton {op} sm_{arch}: {len(results[op, arch])} compiles "
                          f"({len(results)}/{len(tasks)} done, {time.perf_counter() - started:.0f} s)")
@@ -510,23 +568,43 @@ def format_table(rows: list[ReportRow]) -> str:
     return "\n".join(lines)
 
 
+def write_compile_records(directories: Iterable[str]) -> int:
+    """Write :data:`COMPILE_RECORDS` from the compile records in these Triton cache directories
+    (a full run's); returns how many it holds."""
+    cache = _triton_cache_dir()
+    if cache is None:
+        raise ValueError("--update-compile-records reads Triton's file cache; a custom cache manager is configured")
+    records = {d: (cache / d / _RECORD_FILE).read_text() for d in sorted(directories)
+               if (cache / d / _RECORD_FILE).exists()}
+    # mtime 0: the same records give the same bytes.
+    COMPILE_RECORDS.write_bytes(gzip.compress(json.dumps(records, sort_keys=True).encode(), mtime=0))
+    return len(records)
+
+
 def run_gpu_report(out_dir: str, progress: Callable[[str], None] | None = None, *,
                    ops: Iterable[str] = TRITON_OPS, dtypes: Iterable[str] = DTYPES, cuda: bool = True,
-                   update_known_problems: bool = False) -> int:
+                   update_known_problems: bool = False, update_compile_records: bool = False) -> int:
     """Compiles and inspects every GPU kernel, prints the table, writes ``<out_dir>/gpu_report.csv``.
 
     ops / dtypes restrict the Triton part (default: all); cuda=False leaves out the CUDA part.
     update_known_problems rewrites ``triton_kernels/aot_known_problems.py`` from this run's failing
-    Triton rows (a full run only). Returns 0, or 1 if a row has a new problem or a known one is
+    Triton rows, update_compile_records :data:`COMPILE_RECORDS` from its compile records (a full
+    run only, both). Returns 0, or 1 if a row has a new problem or a known one is
     fixed (see :func:`exit_code`).
     """
     ops, dtypes = tuple(ops), tuple(dtypes)
-    if update_known_problems and (set(ops) != set(TRITON_OPS) or set(dtypes) != set(DTYPES)):
-        raise ValueError("--update-known-problems needs the full report (every op and dtype)")
+    full = set(ops) == set(TRITON_OPS) and set(dtypes) == set(DTYPES)
+    for flag, given in (("--update-known-problems", update_known_problems),
+                        ("--update-compile-records", update_compile_records)):
+        if given and not full:
+            raise ValueError(f"{flag} needs the full report (every op and dtype)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = triton_rows(ops, dtypes, ARCHS, progress)
+    records: set[str] = set()
+    rows = triton_rows(ops, dtypes, ARCHS, progress, records)
+    if update_compile_records:
+        print(f"{write_compile_records(records)} compile records written to {COMPILE_RECORDS}")
     if cuda:
         rows += cuda_rows(progress)
     path = out / "gpu_report.csv"

@@ -243,8 +243,8 @@ def test_bench_gpu_report_runs_only_the_report(tmp_path, capsys, monkeypatch):
     calls = []
     module = types.ModuleType("deltakern.gpu_report")
 
-    def run_gpu_report(out_dir, progress=None, update_known_problems=False):
-        calls.append((out_dir, update_known_problems))
+    def run_gpu_report(out_dir, progress=None, update_known_problems=False, update_compile_records=False):
+        calls.append((out_dir, update_known_problems, update_compile_records))
         progress("compiling lora_linear for sm_90")
         print("the report table")
         return 3
@@ -254,16 +254,19 @@ def test_bench_gpu_report_runs_only_the_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("deltakern.gpu_report", module, raising=False)
     assert main(["bench", "--gpu-report", "--out", str(tmp_path)]) == 3
     captured = capsys.readouterr()
-    assert calls == [(str(tmp_path), False)]
+    assert calls == [(str(tmp_path), False, False)]
     assert captured.out == "the report table\n"  # no timing, no table of ours
     assert "compiling lora_linear for sm_90" in captured.err
     assert list(tmp_path.iterdir()) == []
     assert main(["bench", "--gpu-report", "--update-known-problems", "--out", str(tmp_path)]) == 3
-    assert calls[-1] == (str(tmp_path), True)
-    # Without --gpu-report the flag means nothing: an error, and nothing runs.
-    assert main(["bench", "--update-known-problems", "--out", str(tmp_path)]) == 2
-    assert "--update-known-problems goes with --gpu-report" in capsys.readouterr().err
-    assert len(calls) == 2
+    assert calls[-1] == (str(tmp_path), True, False)
+    assert main(["bench", "--gpu-report", "--update-compile-records", "--out", str(tmp_path)]) == 3
+    assert calls[-1] == (str(tmp_path), False, True)
+    # Without --gpu-report the flags mean nothing: an error, and nothing runs.
+    for flag in ("--update-known-problems", "--update-compile-records"):
+        assert main(["bench", flag, "--out", str(tmp_path)]) == 2
+        assert f"{flag} goes with --gpu-report" in capsys.readouterr().err
+    assert len(calls) == 3
 
 
 class _Stream(io.StringIO):

@@ -244,3 +244,38 @@ def test_cuda_rows_of_the_built_extension():
     assert {r.dtype for r in rows if r.kernel == "prefix_attention_fwd_kernel"} == {"fp16", "bf16", "fp32"}
     assert all(0 < r.registers <= 255 and r.local_bytes == 0 and r.stack_bytes == 0 for r in rows)
     assert exit_code(rows) == 0
+
+
+def test_committed_compile_records_seed_a_cold_cache_and_are_written_back(tmp_path, monkeypatch):
+    """``seed_triton_cache`` copies each committed record into Triton's cache under its directory
+    (the hash of everything the compile depends on), never over one already there, and not at all
+    with DELTAKERN_AOT_RECOMPILE=1; ``write_compile_records`` writes the records of the given
+    directories only, the same bytes for the same records."""
+    import gzip
+    import json
+
+    from deltakern import gpu_report
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    monkeypatch.delenv(gpu_report.RECOMPILE_ENV, raising=False)
+    committed = tmp_path / "records.json.gz"
+    monkeypatch.setattr(gpu_report, "COMPILE_RECORDS", committed)
+    assert gpu_report.seed_triton_cache() == 0  # nothing committed
+    record = {"kernel": "_k", "arch": "sm_90", "registers": 40}
+    committed.write_bytes(gzip.compress(json.dumps({"AAAA": json.dumps(record), "BBBB": "{}"}).encode()))
+    (cache / "BBBB").mkdir(parents=True)
+    (cache / "BBBB" / "compile_record.json").write_text("kept")
+    monkeypatch.setenv(gpu_report.RECOMPILE_ENV, "1")
+    assert gpu_report.seed_triton_cache() == 0 and not (cache / "AAAA").exists()
+    monkeypatch.delenv(gpu_report.RECOMPILE_ENV)
+    assert gpu_report.seed_triton_cache() == 1
+    assert json.loads((cache / "AAAA" / "compile_record.json").read_text()) == record
+    assert (cache / "BBBB" / "compile_record.json").read_text() == "kept"
+    assert sorted(p.name for p in (cache / "AAAA").iterdir()) == ["compile_record.json"]  # no partial file left
+    assert gpu_report.seed_triton_cache() == 0
+    assert gpu_report.write_compile_records(["AAAA", "BBBB", "CCCC"]) == 2
+    first = committed.read_bytes()
+    assert json.loads(gzip.decompress(first)) == {"AAAA": json.dumps(record), "BBBB": "kept"}
+    gpu_report.write_compile_records(["BBBB", "AAAA"])
+    assert committed.read_bytes() == first
