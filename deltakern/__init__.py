@@ -1,6 +1,7 @@
 """deltakern: fused kernels for parameter-efficient fine-tuning (LoRA, prefix tuning, adapters)."""
 
 from . import nf4, nn, prompts
+from .verbalizers import KnowledgeableVerbalizer, PrototypicalVerbalizer, instance_loss, prototype_loss
 from .backend import BACKENDS, BackendUnavailableError, use_backend
 from .ops import (
     LoraSegments,
@@ -44,4 +45,5 @@ __all__ = [
     "trainable_parameters", "unpatch", "use_backend", "__version__",
     "LoraSegments", "lora_segments", "segmented_lora_linear",
     "adapter_parameters", "set_adapter",
+    "KnowledgeableVerbalizer", "PrototypicalVerbalizer", "instance_loss", "prototype_loss",
 ]
