@@ -171,6 +171,12 @@ class NF4Weight:
             )
         if state.quant_type != "nf4":
             raise NotImplementedError(f"deltakern.nf4: only quant_type 'nf4' is supported, got {state.quant_type!r}")
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError(
+                "deltakern.nf4: this Params4bit is in bitsandbytes' AVX512-BF16 CPU inference layout "
+                "(quant_state.packing_format_for_cpu), not the NF4 format; bitsandbytes restores the format "
+                "when it saves the layer (Linear4bit.state_dict()), and deltakern.patch does so for the "
+                "layers it routes")
         data = weight.data if isinstance(weight, torch.Tensor) else weight
         packed = data.view(torch.uint8).reshape(-1) if data.dtype != torch.uint8 else data.reshape(-1)
         shape = tuple(state.shape)
@@ -269,3 +275,60 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, nested: bool = False
     absmax_codes, nested_absmax = _quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
     return NF4Weight(packed, absmax_codes, tuple(weight.shape), blocksize, weight.dtype,
                      offset=offset, nested_absmax=nested_absmax, nested_code=code)
+
+
+def bnb_linear4bit(dense: torch.nn.Linear, compute_dtype: torch.dtype | None = None,
+                   compress_statistics: bool = False):
+    """bitsandbytes' NF4 ``Linear4bit`` holding ``dense``'s weight (``[out, in]``) and bias,
+    quantised on ``dense``'s device: the reference layer QLoRA is compared against.
+
+    ``compress_statistics=False`` keeps absmax in fp32, so the bytes are :func:`quantize_nf4`'s
+    (bitsandbytes' nested absmax may differ in its last bit). bitsandbytes' repacking of the weight
+    for its AVX512-BF16 CPU inference kernel is turned off: that path rounds absmax to bf16 and
+    asserts shapes in multiples of 32 rows and one block per row, so the reference stays the NF4
+    format on every CPU (it only runs in eval mode on inputs without grad). On AVX-512 CPUs the
+    process's bitsandbytes dequantises on the CPU with its portable code from then on (see
+    :func:`portable_bnb_cpu_dequantize`).
+    """
+    import bitsandbytes as bnb
+
+    portable_bnb_cpu_dequantize()
+    layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                              compute_dtype=compute_dtype or dense.weight.dtype, quant_type="nf4",
+                              compress_statistics=compress_statistics)
+    layer.support_avx512bf16_for_cpu = False
+    layer.load_state_dict(dense.state_dict())
+    return layer.to(dense.weight.device)  # .to quantises
+
+
+_bnb_cpu_dequantize_is_portable = False
+
+
+def portable_bnb_cpu_dequantize() -> None:
+    """On AVX-512 CPUs, route bitsandbytes' ``dequantize_4bit`` on the CPU to its own portable
+    implementation (plain torch, run eagerly), once per process.
+
+    bitsandbytes 0.50's native AVX-512 kernel counts blocks per row (``in // blocksize``), so it
+    misreads a weight whose rows are not a whole number of blocks: at blocksize 64, a 64x176 or a
+    32x32 layer comes back with errors up to 1.9 against 0.4 for the format (CPUs without AVX-512
+    run a scalar kernel that is right). The end-to-end shapes have such rows (FFN 1376 and 176),
+    and so do the tests' tiny models, so the references built by :func:`bnb_linear4bit` would
+    compute with wrong weights there. bitsandbytes' portable path is the format bit for bit
+    (tests/test_nf4.py).
+    """
+    global _bnb_cpu_dequantize_is_portable
+    if _bnb_cpu_dequantize_is_portable or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.functional import get_4bit_type
+
+    # Its torch.compile wrapper (dynamic=False) would compile once per weight shape.
+    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+
+    def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
+        packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+        return eager(packed.reshape(-1), absmax.float(), get_4bit_type(quant_type, packed.device), blocksize, shape,
+                     dtype)
+
+    torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+    _bnb_cpu_dequantize_is_portable = True

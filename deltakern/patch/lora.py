@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..nf4 import bnb_linear4bit
 from ..nn import LoRALinear, MultiLoRALinear, NF4Linear
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
 from .common import (
@@ -432,17 +433,14 @@ def _e2e_qlora_reference(base: nn.Module) -> nn.Module:
     """``base`` with its targeted linear layers as bitsandbytes NF4 ``Linear4bit`` (compute dtype
     the model's), marked as loaded in 4 bits, under PEFT's LoRA as in :func:`_e2e_reference`."""
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes  # noqa: F401 (a clear error here, not inside the first layer)
     except ImportError as error:
         raise ValueError("the QLoRA end-to-end step compares against bitsandbytes' Linear4bit: "
                          "pip install 'deltakern[bench]' (or bitsandbytes)") from error
 
     for name in resolve_targets(base, ALL_LINEAR, None, "deltakern.bench", strict=True):
         dense = base.get_submodule(name)
-        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
-                                  compute_dtype=dense.weight.dtype, quant_type="nf4", compress_statistics=False)
-        layer.load_state_dict(dense.state_dict())
-        replace_submodule(base, name, layer.to(dense.weight.device))
+        replace_submodule(base, name, bnb_linear4bit(dense))
     base.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps Linear4bit in its bnb LoRA layer
     return _e2e_reference(base)
 

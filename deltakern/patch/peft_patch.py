@@ -108,8 +108,22 @@ def _is_nf4_base(base: nn.Module) -> bool:
 
 
 def _nf4_weight(base: nn.Module) -> NF4Weight:
-    """An NF4 ``Linear4bit``'s weight as an :class:`NF4Weight` (its storage, read in place)."""
-    return NF4Weight.from_bnb(base.weight, _quant_state(base))
+    """An NF4 ``Linear4bit``'s weight as an :class:`NF4Weight` (its storage, read in place).
+
+    On a CPU with AVX512-BF16, bitsandbytes' own forward in eval mode (no grad) repacks the weight
+    into a layout of its inference kernel (``packing_format_for_cpu``; absmax rounded to bf16). A
+    layer that ran so before it was patched is put back into the NF4 format first, with the
+    inverse bitsandbytes applies before it saves the layer, so deltakern computes with what
+    ``state_dict()`` would write."""
+    state = _quant_state(base)
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        base.weight.data, state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+        base.weight.quant_state = state
+        if hasattr(base, "quant_state"):
+            base.quant_state = state
+    return NF4Weight.from_bnb(base.weight, state)
 
 
 def _is_linear4bit(module: nn.Module) -> bool:

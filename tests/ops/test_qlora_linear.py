@@ -3,6 +3,7 @@ dropout mask across backends, its errors, and the memory it never takes (no dens
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import deltakern
-from deltakern.nf4 import NF4Weight, quantize_nf4
+from deltakern.nf4 import NF4Weight, bnb_linear4bit, quantize_nf4
 from deltakern.reference.qlora_linear import qlora_linear as reference_qlora_linear
 from tests.allocations import largest_allocation
 from tests.tolerances import assert_backend_matches_reference
@@ -127,9 +128,7 @@ def peft_qlora(k, n, r, dtype, loaded_in_4bit, seed=0):
 
     torch.manual_seed(seed)
     dense = torch.nn.Linear(k, n).to(dtype)
-    layer = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=dtype, quant_type="nf4")
-    layer.load_state_dict(dense.state_dict())
-    model = _OneLayer(layer.to("cpu"), loaded_in_4bit)
+    model = _OneLayer(bnb_linear4bit(dense, dtype, compress_statistics=True), loaded_in_4bit)
     config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=0.0)
     model = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
     with torch.no_grad():
@@ -172,6 +171,27 @@ def test_op_reads_a_params4bit_directly():
     a, b = torch.randn(4, 100), torch.randn(7, 4)
     ours = deltakern.qlora_linear(x, base.weight, base.bias, a, b, 0.5)
     torch.testing.assert_close(ours, base(x) + 0.5 * x @ a.t() @ b.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_patch_reads_a_weight_bitsandbytes_repacked_for_its_cpu_kernel():
+    """bitsandbytes' eval forward on an AVX512-BF16 CPU repacks a Linear4bit's weight for its own
+    kernel (absmax to bf16). Done here with its converter on any CPU: the patched layer computes
+    with what bitsandbytes would save (its own inverse, which state_dict() runs), and the op
+    refuses the repacked layout instead of reading it as NF4."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    model = peft_qlora(128, 64, 4, torch.float32, True)
+    base = model.base_model.model.proj.base_layer
+    base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu(base.weight.data, base.weight.quant_state)
+    with pytest.raises(ValueError, match=r"AVX512-BF16 CPU inference layout \(quant_state.packing_format_for_cpu\)"):
+        deltakern.qlora_linear(torch.randn(3, 128), base.weight, None, torch.randn(4, 128), torch.randn(64, 4), 0.5)
+    expected_model = copy.deepcopy(model)
+    expected_model.base_model.model.proj.base_layer.state_dict()  # bitsandbytes restores the NF4 format
+    x = torch.randn(3, 128)
+    expected = expected_model(x)
+    assert deltakern.patch(model).patched == ["proj"]
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert not base.weight.quant_state.packing_format_for_cpu
 
 
 def test_unquantised_or_fp4_bases_stay_on_peft_path():

@@ -101,6 +101,20 @@ def named_layers(model: torch.nn.Module, layer_type: type | tuple[type, ...]) ->
     return {n: m for n, m in model.named_modules() if isinstance(m, layer_type)}
 
 
+def quantize_with_bitsandbytes(model: torch.nn.Module, names, compute_dtype=torch.float32) -> torch.nn.Module:
+    """``model`` with each ``nn.Linear`` whose last name part is in ``names`` replaced by
+    bitsandbytes' NF4 ``Linear4bit`` (fp32 absmax: deltakern.quantize's bytes; see
+    ``deltakern.nf4.bnb_linear4bit``), marked loaded in 4 bits as transformers marks it."""
+    from deltakern.nf4 import bnb_linear4bit
+
+    for name, layer in list(named_layers(model, torch.nn.Linear).items()):
+        if name.rpartition(".")[2] in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, bnb_linear4bit(layer, compute_dtype))
+    model.is_loaded_in_4bit = True
+    return model
+
+
 def draw_normal(model: torch.nn.Module, name_part: str, mean: float = 0.0, std: float = 1.0) -> None:
     """Redraws, from torch's generator, every parameter whose name contains ``name_part`` (e.g.
     ``lora_B``, zero at initialisation, so that the delta shows in the outputs)."""

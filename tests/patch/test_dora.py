@@ -33,6 +33,7 @@ from .models import (
     logits,
     loss_of,
     named_layers,
+    quantize_with_bitsandbytes,
 )
 
 R, ALPHA = 4, 8
@@ -348,18 +349,9 @@ def test_unfusable_dora_layers_stay_on_peft(make, reason, calls):
     assert calls["n"] == 0
 
 
-def _bnb_llama(bnb, seed=0):
+def _bnb_llama(seed=0):
     """The tiny Llama with its targeted layers in bitsandbytes NF4 (fp32 absmax), loaded in 4 bits."""
-    model = build("llama", seed)
-    for name, layer in list(named_layers(model, nn.Linear).items()):
-        if name.rpartition(".")[2] in LLAMA_TARGETS:
-            q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=False)
-            q.load_state_dict(layer.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q.to("cpu"))
-    model.is_loaded_in_4bit = True
-    return model
+    return quantize_with_bitsandbytes(build("llama", seed), LLAMA_TARGETS)
 
 
 def test_qdora_matches_peft_over_bitsandbytes_and_patch_routes_it(calls):
@@ -367,9 +359,9 @@ def test_qdora_matches_peft_over_bitsandbytes_and_patch_routes_it(calls):
     and gives the outputs and gradients of PEFT's DoRA over bitsandbytes' Linear4bit (same NF4
     bytes); patch() routes PEFT's DoRA over an NF4 Linear4bit through dora_linear with the same
     outputs and gradients."""
-    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes")
     torch.manual_seed(1)
-    theirs = get_peft_model(_bnb_llama(bnb), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=LLAMA_TARGETS,
+    theirs = get_peft_model(_bnb_llama(), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=LLAMA_TARGETS,
                                                          use_dora=True)).eval()
     ours = deltakern.add_lora(build("llama"), r=R, alpha=ALPHA, target_modules=LLAMA_TARGETS, quantize_base="nf4",
                               use_dora=True).eval()

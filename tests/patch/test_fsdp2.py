@@ -105,17 +105,9 @@ def build(method: str) -> torch.nn.Module:
         models.draw_normal(model, "ia3_l", mean=1.0, std=0.1)
     elif method == "peft_qlora_bnb":
         # PEFT's QLoRA over bitsandbytes' NF4 Linear4bit (fp32 absmax), routed by deltakern.patch.
-        import bitsandbytes as bnb
         import peft
 
-        for name, layer in list(model.named_modules()):
-            if isinstance(layer, torch.nn.Linear) and name.rpartition(".")[2] in LINEAR_NAMES:
-                q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=False)
-                q.load_state_dict(layer.state_dict())
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, q.to("cpu"))  # .to quantises
-        model.is_loaded_in_4bit = True
+        model = models.quantize_with_bitsandbytes(model, LINEAR_NAMES)
         config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LINEAR_NAMES)
         model = peft.get_peft_model(model, config)
         models.draw_normal(model, "lora_B", std=0.1)

@@ -26,6 +26,7 @@ from .models import (
     draw_normal,
     inputs,
     named_layers,
+    quantize_with_bitsandbytes,
 )
 
 # ``r16`` targets these only (the other layers lack it).
@@ -285,17 +286,9 @@ def test_qlora_mixed_batch_and_several_active_match_peft(counted):
     """Over bitsandbytes NF4 bases: a mixed batch (the NF4 weight dequantised for
     segmented_lora_linear) and several active adapters (one qlora_linear over the concatenated
     factors) equal PEFT's forward over Linear4bit."""
-    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes")
     targets = ["q_proj", "v_proj", "down_proj"]
-    model = build("llama")
-    for name, layer in list(named_layers(model, torch.nn.Linear).items()):
-        if name.rpartition(".")[2] in targets:
-            q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, compute_dtype=torch.float32,
-                                  quant_type="nf4", compress_statistics=False)
-            q.load_state_dict(layer.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q.to("cpu"))
-    model.is_loaded_in_4bit = True
+    model = quantize_with_bitsandbytes(build("llama"), targets)
     model = get_peft_model(model, LoraConfig(r=1, lora_alpha=2, target_modules=targets), adapter_name="r1")
     model.add_adapter("r16", LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=targets))
     torch.manual_seed(3)

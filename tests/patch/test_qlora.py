@@ -9,7 +9,7 @@ import torch
 
 import deltakern
 from deltakern.nn import LoRALinear, NF4Linear
-from tests.patch.models import assert_grad_close, build, draw_normal, inputs, loss_of, named_layers
+from tests.patch.models import assert_grad_close, build, draw_normal, inputs, loss_of, named_layers, quantize_with_bitsandbytes
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -20,16 +20,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def bnb_llama(seed=0):
     """The tiny Llama with every targeted linear layer in bitsandbytes NF4 (fp32 absmax, as
     deltakern.quantize writes it), marked loaded in 4 bits as transformers marks it."""
-    model = build("llama", seed)
-    for name, layer in list(named_layers(model, torch.nn.Linear).items()):
-        if name.rpartition(".")[2] in TARGETS:
-            q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=False)
-            q.load_state_dict(layer.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q.to("cpu"))
-    model.is_loaded_in_4bit = True
-    return model
+    return quantize_with_bitsandbytes(build("llama", seed), TARGETS)
 
 
 def peft_qlora(seed=0):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ...nf4 import quantize_nf4
+from ...nf4 import portable_bnb_cpu_dequantize, quantize_nf4
 from ...ops.qlora_linear import qlora_linear
 from ..harness import BenchSuite, op_providers, saved_tensors_bytes, with_backend
 from .lora_linear import LoraCase, LoraShape
@@ -34,6 +34,7 @@ def _bnb_weight(dense: torch.Tensor, blocksize: int):
         import bitsandbytes as bnb
     except ImportError:
         return None
+    portable_bnb_cpu_dequantize()  # bitsandbytes' AVX-512 kernel misreads rows that are not whole blocks
     param = bnb.nn.Params4bit(dense.detach().clone(), requires_grad=False, quant_type="nf4", blocksize=blocksize,
                               compress_statistics=False)
     return param.to(dense.device)
