@@ -69,7 +69,7 @@ def test_the_registry_lists_every_op_and_method():
                           "segmented_lora_linear"]
     assert [spec.cli_name for spec in ops().values()] == ["lora", "prefix", "adapter", "ia3", "qlora", "dora",
                                                           "multi-lora"]
-    assert list(methods()) == ["lora", "qlora", "dora", "prefix", "adapter", "prompt", "ptuning", "bitfit", "ia3"]
+    assert list(methods()) == ["lora", "qlora", "dora", "prefix", "adapter", "prompt", "ptuning", "bitfit", "ia3", "lst"]
 
 
 @pytest.mark.parametrize("name", list(ops()))

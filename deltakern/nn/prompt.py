@@ -1,4 +1,6 @@
-"""``PromptEncoder``: the virtual tokens of prompt tuning and P-tuning v1 (PEFT's layout)."""
+"""The virtual tokens ``add_prompt``'s hooks put before the input: :class:`PromptEncoder` (prompt
+tuning and P-tuning v1, PEFT's layout) and :class:`IntrinsicPromptEncoder` (intrinsic prompt
+tuning: the prompt is a frozen decoder's output ``f(z)``), both :class:`VirtualTokens`."""
 
 from __future__ import annotations
 
@@ -11,7 +13,20 @@ from .delta import DeltaModule
 ENCODERS = {"lstm": "LSTM", "mlp": "MLP"}
 
 
-class PromptEncoder(DeltaModule):
+class VirtualTokens(DeltaModule):
+    """What a prompted model reads: ``forward()`` gives all ``S·P`` rows ``[S·P, D]`` (PEFT's
+    ``prompt_embeddings``; ``S`` is 2 for encoder-decoder models, whose second half is never read),
+    :meth:`prompts` the ``P`` virtual tokens ``[P, D]``. ``peft_type`` is what a checkpoint records."""
+
+    num_virtual_tokens: int
+    peft_type: str
+
+    def prompts(self) -> torch.Tensor:
+        """The ``P`` virtual-token embeddings the model reads, ``[P, D]``."""
+        return self()[: self.num_virtual_tokens]
+
+
+class PromptEncoder(VirtualTokens):
     """The virtual tokens of prompt tuning, optionally reparameterised by P-tuning's prompt encoder.
 
     ``embedding``: ``nn.Embedding(S·P, D)``. With ``encoder="lstm"``: ``lstm_head`` (bidirectional
@@ -49,10 +64,6 @@ class PromptEncoder(DeltaModule):
             return self.mlp_head(rows)
         return rows
 
-    def prompts(self) -> torch.Tensor:
-        """The ``P`` virtual-token embeddings the model reads, ``[P, D]``."""
-        return self()[: self.num_virtual_tokens]
-
     def fold(self) -> None:
         """Replace the encoder by the embeddings it produces: ``embedding`` becomes ``forward()``."""
         with torch.no_grad():
@@ -62,3 +73,32 @@ class PromptEncoder(DeltaModule):
             if hasattr(self, name):
                 delattr(self, name)
         self.encoder = None
+
+
+class IntrinsicPromptEncoder(VirtualTokens):
+    """Intrinsic prompt tuning (Qin et al., 2021): the ``P`` virtual tokens are ``decoder(z)``.
+
+    ``z``: the trainable intrinsic vector ``[d_I]`` (zeros unless ``z_init`` ``[d_I]`` is given).
+    ``decoder``: a module mapping ``[d_I]`` to ``[P, D]``; it is this module's own (the caller's is
+    not touched) and frozen, since only ``z`` is the delta. For an encoder-decoder model (``S = 2``)
+    the unused second half of PEFT's layout repeats the first, so a saved checkpoint has PEFT's shape.
+    Checkpoints record ``PROMPT_TUNING``: what is saved is ``f(z)``, not ``z`` or the decoder.
+    """
+
+    peft_type = "PROMPT_TUNING"
+
+    def __init__(self, decoder: nn.Module, num_virtual_tokens: int, intrinsic_dim: int, num_submodules: int = 1,
+                 z_init: torch.Tensor | None = None):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+        self.num_submodules = num_submodules
+        self.decoder = decoder
+        z = torch.zeros(intrinsic_dim) if z_init is None else z_init.detach().clone()
+        self.z = nn.Parameter(z)
+
+    def delta_parameters(self):
+        return iter((self.z,))
+
+    def forward(self) -> torch.Tensor:
+        """``[f(z)] * S`` stacked, ``[S·P, D]``."""
+        return self.decoder(self.z).repeat(self.num_submodules, 1)

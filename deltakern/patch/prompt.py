@@ -6,7 +6,9 @@ How a prompted model runs
   width ``D`` (the model's embedding width); the first ``P`` are the virtual tokens. ``S`` is 2 for
   encoder-decoder models and 1 otherwise: PEFT's ``SEQ_2_SEQ_LM`` prompt has a second half it never
   uses for prompt tuning or P-tuning, kept here so checkpoints and P-tuning's LSTM (which runs over
-  all ``S·P`` rows) agree with PEFT.
+  all ``S·P`` rows) agree with PEFT. Intrinsic prompt tuning
+  (``deltakern.intrinsic_prompt.add_intrinsic_prompt``) installs an ``IntrinsicPromptEncoder``
+  instead, through the same :func:`install_prompt` and hooks.
 - A forward pre-hook rewrites the call before the model sees it, as PEFT's forward does:
   ``inputs_embeds = [prompt; embed(input_ids)]`` (``[B, P + L, D]``), ``attention_mask`` gets ``P``
   leading ones, ``token_type_ids`` ``P`` leading zeros, token-level ``labels`` (causal LM, masked
@@ -20,17 +22,22 @@ How a prompted model runs
 - T5 (encoder-decoder): the prompt goes before the encoder input only, as PEFT does; the hook sits
   on the encoder stack (``generate()`` runs it on its own), and a hook on the model extends the
   mask the decoder's cross-attention uses. Decoder inputs and labels are unchanged.
+- A prompt on its own (PPT's pre-trained prompt): :func:`save_prompt` writes the ``[P, D]`` virtual
+  tokens to one safetensors file, :func:`load_prompt` reads it, ``add_prompt(..., init=path)`` starts
+  from it.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..nn import PromptEncoder
-from ..nn.prompt import ENCODERS
+from ..nn.prompt import ENCODERS, VirtualTokens
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
 from .common import freeze_base, load_base_model_tensors, peft_config_fields, peft_task_type, task_head_checkpoint
 
@@ -78,7 +85,7 @@ def _extend_mask(kwargs: dict, num_virtual_tokens: int, caller: str) -> None:
     kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
 
 
-def _prepend(kwargs: dict, prompt: PromptEncoder, embeddings: nn.Embedding, token_labels: bool) -> None:
+def _prepend(kwargs: dict, prompt: VirtualTokens, embeddings: nn.Embedding, token_labels: bool) -> None:
     """Replace ``input_ids`` by ``inputs_embeds = [prompt; embed(input_ids)]`` and pad the per-token inputs."""
     num_virtual_tokens = prompt.num_virtual_tokens
     input_ids = kwargs.pop("input_ids", None)
@@ -96,7 +103,7 @@ def _prepend(kwargs: dict, prompt: PromptEncoder, embeddings: nn.Embedding, toke
         kwargs["labels"] = torch.cat([labels.new_full((batch, num_virtual_tokens), -100), labels], dim=1)
 
 
-def _single_stack_rewrite(prompt: PromptEncoder, embeddings: nn.Embedding, token_labels: bool, caller: str):
+def _single_stack_rewrite(prompt: VirtualTokens, embeddings: nn.Embedding, token_labels: bool, caller: str):
     """Decoder-only and encoder-only models: prompt on the first step, mask always."""
 
     def rewrite(kwargs):
@@ -110,7 +117,7 @@ def _single_stack_rewrite(prompt: PromptEncoder, embeddings: nn.Embedding, token
     return rewrite
 
 
-def _encoder_rewrite(prompt: PromptEncoder, embeddings: nn.Embedding, caller: str):
+def _encoder_rewrite(prompt: VirtualTokens, embeddings: nn.Embedding, caller: str):
     """The encoder stack of an encoder-decoder model: always prompted. Its mask is already extended
     when the model's own hook ran first (length P + L) and not when generate() calls the encoder
     directly (length L)."""
@@ -148,6 +155,42 @@ def _init_ids(init: str, total: int, vocab_size: int, tokenizer, device, caller:
     return torch.tensor(ids, device=device)
 
 
+def install_prompt(model: nn.Module, make_prompt: Callable[[int, int], VirtualTokens], caller: str) -> VirtualTokens:
+    """Put the virtual tokens ``make_prompt(D, S)`` before the input of ``model`` (``D`` its
+    embedding width, ``S`` 2 for encoder-decoder models, else 1): register them as
+    ``model.deltakern_prompt`` (cast to the embeddings' device and dtype), add the pre-hooks of the
+    module docstring, freeze the base, and return them. Every kind of prompt (``add_prompt``,
+    ``deltakern.intrinsic_prompt.add_intrinsic_prompt``) goes through here.
+
+    Raises:
+        ValueError: no input embeddings, or a prompt already present.
+        NotImplementedError: question answering models (their start/end positions would shift).
+    """
+    embeddings = _input_embeddings(model, caller)
+    name = type(model).__name__
+    if name.endswith("ForQuestionAnswering"):
+        raise NotImplementedError(f"{caller}: {name} takes start/end positions that virtual tokens would shift; "
+                                  f"not supported")
+    if has_prompt(model):
+        raise ValueError(f"{caller}: {name} already has a deltakern prompt")
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    prompt = make_prompt(embeddings.embedding_dim, 2 if encoder_decoder else 1)
+    prompt.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+    model.add_module(PROMPT_ATTRIBUTE, prompt)
+    if encoder_decoder:
+        stack = model.get_encoder()
+        stack.register_forward_pre_hook(_keyword_hook(stack.forward, _encoder_rewrite(prompt, embeddings, caller)),
+                                        with_kwargs=True)
+        model.register_forward_pre_hook(
+            _keyword_hook(model.forward, lambda kwargs: _extend_mask(kwargs, prompt.num_virtual_tokens, caller)),
+            with_kwargs=True)
+    else:
+        rewrite = _single_stack_rewrite(prompt, embeddings, name.endswith(_TOKEN_LABELS), caller)
+        model.register_forward_pre_hook(_keyword_hook(model.forward, rewrite), with_kwargs=True)
+    freeze_base(model)
+    return prompt
+
+
 def _attach(model: nn.Module, num_virtual_tokens: int, encoder: str | None, encoder_hidden_size: int | None,
             encoder_num_layers: int, caller: str) -> PromptEncoder:
 
@@ -158,32 +201,13 @@ def _attach(model: nn.Module, num_virtual_tokens: int, encoder: str | None, enco
         if encoder is None:
             raise ValueError(f"{caller}: encoder_hidden_size={encoder_hidden_size!r} needs encoder='lstm' or 'mlp', got encoder=None")
         _check_count("encoder_hidden_size", encoder_hidden_size, caller)
-    embeddings = _input_embeddings(model, caller)
-    name = type(model).__name__
-    if name.endswith("ForQuestionAnswering"):
-        raise NotImplementedError(f"{caller}: {name} takes start/end positions that virtual tokens would shift; not supported")
-    if has_prompt(model):
-        raise ValueError(f"{caller}: {name} already has a deltakern prompt")
-    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    prompt = PromptEncoder(num_virtual_tokens, embeddings.embedding_dim, 2 if encoder_decoder else 1, encoder,
-                           encoder_hidden_size, encoder_num_layers)
-    prompt.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
-    model.add_module(PROMPT_ATTRIBUTE, prompt)
-    if encoder_decoder:
-        stack = model.get_encoder()
-        stack.register_forward_pre_hook(_keyword_hook(stack.forward, _encoder_rewrite(prompt, embeddings, caller)),
-                                        with_kwargs=True)
-        model.register_forward_pre_hook(
-            _keyword_hook(model.forward, lambda kwargs: _extend_mask(kwargs, num_virtual_tokens, caller)), with_kwargs=True)
-    else:
-        rewrite = _single_stack_rewrite(prompt, embeddings, name.endswith(_TOKEN_LABELS), caller)
-        model.register_forward_pre_hook(_keyword_hook(model.forward, rewrite), with_kwargs=True)
-    freeze_base(model)
-    return prompt
+    return install_prompt(
+        model, lambda token_dim, num_submodules: PromptEncoder(num_virtual_tokens, token_dim, num_submodules, encoder,
+                                                               encoder_hidden_size, encoder_num_layers), caller)
 
 
-def add_prompt(model: nn.Module, num_virtual_tokens: int, init: str = "random", tokenizer=None,
-               encoder: str | None = None, encoder_hidden_size: int | None = None) -> nn.Module:
+def add_prompt(model: nn.Module, num_virtual_tokens: int, init: str | os.PathLike | torch.Tensor = "random",
+               tokenizer=None, encoder: str | None = None, encoder_hidden_size: int | None = None) -> nn.Module:
     """Add prompt tuning (or, with ``encoder``, P-tuning v1) to a Hugging Face ``model`` in place and return it.
 
     ``num_virtual_tokens`` (P) trainable embeddings ``[P, D]`` go before the input embeddings
@@ -193,22 +217,47 @@ def add_prompt(model: nn.Module, num_virtual_tokens: int, init: str = "random", 
 
     Args:
         init: ``"random"`` (``nn.Embedding``'s N(0, 1), PEFT's RANDOM), ``"vocab"`` (rows of randomly
-            drawn vocabulary embeddings) or any other string: a text whose token embeddings, repeated
-            or cut to length, initialise the rows (e.g. a label word; needs ``tokenizer``).
+            drawn vocabulary embeddings), a saved prompt (a tensor ``[P, D]``, or a file written by
+            :func:`save_prompt`: an ``os.PathLike`` or a string ending in ``.safetensors``; e.g. a
+            PPT pre-trained prompt) copied into the P virtual tokens (bit for bit when its dtype is
+            the model's; cast otherwise), or any other string: a
+            text whose token embeddings, repeated or cut to length, initialise the rows (e.g. a
+            label word; needs ``tokenizer``). For T5 a saved prompt fills the P rows the model reads;
+            the unused second half of PEFT's layout stays random.
         encoder: ``None`` (prompt tuning), ``"lstm"`` or ``"mlp"`` (P-tuning's reparameterisation,
-            PEFT's shapes and names); ``encoder_hidden_size`` defaults to ``D``. ``init`` then sets the
-            encoder's input embeddings.
+            PEFT's shapes and names); ``encoder_hidden_size`` defaults to ``D``. A vocabulary or text
+            ``init`` then sets the encoder's input embeddings.
 
     Raises:
-        ValueError: no input embeddings, a count not an int >= 1, an unknown encoder, a text init
-            without tokenizer or with tokens outside the vocabulary, or a prompt already present.
+        ValueError: no input embeddings, a count not an int >= 1, an unknown encoder, an init of
+            another type, a text init without tokenizer or with tokens outside the vocabulary, a
+            saved prompt that is not a floating ``[P, D]`` tensor for this model, a prompt file
+            that is missing or not :func:`save_prompt`'s, a saved prompt with an encoder, or a
+            prompt already present.
         NotImplementedError: question answering models (their start/end positions would shift).
     """
     caller = "deltakern.add_prompt"
-    if not isinstance(init, str) or not init:
-        raise ValueError(f"{caller}: init must be 'random', 'vocab' or a non-empty text, got {init!r}")
+    saved = _saved_prompt(init, caller)
+    if saved is None and (not isinstance(init, str) or not init):
+        raise ValueError(f"{caller}: init must be 'random', 'vocab', a non-empty text, a saved prompt file (an "
+                         f"os.PathLike or a '.safetensors' path) or a tensor [P, D], got {init!r}")
+    if saved is not None:
+        _check_count("num_virtual_tokens", num_virtual_tokens, caller)
+        if encoder is not None:
+            # The saved rows are the virtual tokens themselves; an encoder would take them as its input.
+            raise ValueError(f"{caller}: a saved prompt initialises the virtual tokens themselves and cannot be "
+                             f"used with encoder={encoder!r}; use encoder=None")
+        width = _input_embeddings(model, caller).embedding_dim
+        if not saved.is_floating_point() or tuple(saved.shape) != (num_virtual_tokens, width):
+            raise ValueError(f"{caller}: the saved prompt must be a floating tensor of shape (num_virtual_tokens, "
+                             f"embedding width) = {(num_virtual_tokens, width)}, got {saved.dtype} of shape "
+                             f"{tuple(saved.shape)}")
     prompt = _attach(model, num_virtual_tokens, encoder, encoder_hidden_size, 2, caller)
     embeddings = model.get_input_embeddings()
+    if saved is not None:
+        with torch.no_grad():
+            prompt.embedding.weight[:num_virtual_tokens].copy_(saved)
+        return model
     ids = _init_ids(init, prompt.embedding.num_embeddings, embeddings.num_embeddings, tokenizer,
                     embeddings.weight.device, caller)
     if ids is not None:
@@ -217,9 +266,73 @@ def add_prompt(model: nn.Module, num_virtual_tokens: int, init: str = "random", 
     return model
 
 
+# ---------------------------------------------------------------------------------------------
+# A prompt on its own: one file, for initialising another model's prompt (PPT)
+# ---------------------------------------------------------------------------------------------
+
+PROMPT_FILE_FORMAT = {"format": "deltakern_prompt", "format_version": "1"}
+PROMPT_FILE_KEY = "prompt_embeddings"
+
+
+def save_prompt(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the ``P`` virtual tokens ``model`` reads, ``[P, D]`` (for P-tuning or an intrinsic
+    prompt: what the encoder produces), to the file ``path``: a safetensors file with the one
+    tensor ``"prompt_embeddings"`` and the metadata ``format=deltakern_prompt, format_version=1``.
+    ``add_prompt(other, P, init=path)`` starts from it; the model's dtype is kept bit for bit.
+
+    Raises:
+        ValueError: ``model`` has no deltakern prompt.
+    """
+    from safetensors.torch import save_file
+
+    caller = "deltakern.save_prompt"
+    if not has_prompt(model):
+        raise ValueError(f"{caller}: {type(model).__name__} has no deltakern prompt")
+    with torch.no_grad():
+        rows = model.get_submodule(PROMPT_ATTRIBUTE).prompts().detach().contiguous().cpu()
+    save_file({PROMPT_FILE_KEY: rows}, os.fspath(path), metadata=PROMPT_FILE_FORMAT)
+
+
+def load_prompt(path: str | os.PathLike) -> torch.Tensor:
+    """The ``[P, D]`` prompt :func:`save_prompt` wrote to ``path`` (on the CPU, in its saved dtype).
+
+    Raises:
+        ValueError: no such file, or not a prompt file of :func:`save_prompt`'s format.
+    """
+    from safetensors import safe_open
+
+    caller = "deltakern.load_prompt"
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise ValueError(f"{caller}: no prompt file at {name!r}")
+    try:
+        with safe_open(name, framework="pt") as f:
+            metadata, keys = f.metadata() or {}, list(f.keys())
+            rows = f.get_tensor(PROMPT_FILE_KEY) if keys == [PROMPT_FILE_KEY] else None
+    except Exception as error:  # safetensors raises its own error types for a file of another kind
+        raise ValueError(f"{caller}: {name!r} is not a safetensors file ({error})") from error
+    if rows is None or any(metadata.get(k) != v for k, v in PROMPT_FILE_FORMAT.items()):
+        raise ValueError(f"{caller}: {name!r} is not a deltakern prompt file (expected the one tensor "
+                         f"{PROMPT_FILE_KEY!r} and metadata {PROMPT_FILE_FORMAT}, got tensors {keys} and "
+                         f"metadata {metadata})")
+    return rows
+
+
+def _saved_prompt(init, caller: str) -> torch.Tensor | None:
+    """``init`` as a saved prompt tensor (read from its file if a path), or None when it is not one."""
+    if isinstance(init, torch.Tensor):
+        return init.detach()
+    if isinstance(init, os.PathLike) or (isinstance(init, str) and init.endswith(".safetensors")):
+        try:
+            return load_prompt(init)
+        except ValueError as error:
+            raise ValueError(f"{caller}: init={os.fspath(init)!r}: {error}") from error
+    return None
+
+
 def has_prompt(model: nn.Module) -> bool:
     """Whether ``model`` holds a deltakern prompt."""
-    return any(isinstance(module, PromptEncoder) for module in model.modules())
+    return any(isinstance(module, VirtualTokens) for module in model.modules())
 
 
 def fold_prompt_encoder(model: nn.Module) -> nn.Module:
@@ -229,11 +342,15 @@ def fold_prompt_encoder(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: ``model`` has no deltakern prompt, or its prompt has no encoder (plain prompt
             tuning, or already folded).
+        NotImplementedError: an intrinsic prompt (its decoder stays; save it as a plain prompt).
     """
     caller = "deltakern.fold_prompt_encoder"
     if not has_prompt(model):
         raise ValueError(f"{caller}: {type(model).__name__} has no deltakern prompt")
     prompt = model.get_submodule(PROMPT_ATTRIBUTE)
+    if not isinstance(prompt, PromptEncoder):
+        raise NotImplementedError(f"{caller}: the prompt of {type(model).__name__} ({type(prompt).__name__}) is not "
+                                  f"folded in place; deltakern.save writes the embeddings it produces")
     if prompt.encoder is None:
         raise ValueError(f"{caller}: the prompt of {type(model).__name__} has no prompt encoder to fold")
     prompt.fold()
@@ -259,8 +376,10 @@ def peft_prompt_checkpoint(model: nn.Module) -> tuple[dict, dict]:
     """``(adapter_config, state_dict)`` as PEFT's ``save_pretrained`` writes prompt tuning or P-tuning.
 
     The weights are ``{"prompt_embeddings": [S·P, D]}``: for P-tuning the encoder's output, as PEFT
-    saves it (and loads it into plain embeddings for inference). Sequence and token classification
-    also hold the head (``base_model.classifier.*`` or ``base_model.score.*``), as PEFT's do.
+    saves it (and loads it into plain embeddings for inference); for an intrinsic prompt its
+    decoder's output ``f(z)``, as plain ``PROMPT_TUNING`` embeddings (z and the decoder are not
+    saved). Sequence and token classification also hold the head (``base_model.classifier.*`` or
+    ``base_model.score.*``), as PEFT's do.
 
     Raises:
         NotImplementedError: a model class PEFT's prompt learning has no task type for (e.g. a masked LM).
@@ -268,15 +387,17 @@ def peft_prompt_checkpoint(model: nn.Module) -> tuple[dict, dict]:
     caller = "deltakern.save"
     prompt = model.get_submodule(PROMPT_ATTRIBUTE)
     task = _task_type(model, caller)
+    with torch.no_grad():
+        rows = prompt().detach().clone()
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     config = {
         **peft_config_fields(model, prompt.peft_type, task),
         "modules_to_save": None,
         "num_attention_heads": getattr(text_config, "num_attention_heads", None),
         "num_layers": getattr(text_config, "num_hidden_layers", None),
-        "num_transformer_submodules": prompt.embedding.num_embeddings // prompt.num_virtual_tokens,
+        "num_transformer_submodules": rows.shape[0] // prompt.num_virtual_tokens,
         "num_virtual_tokens": prompt.num_virtual_tokens,
-        "token_dim": prompt.embedding.embedding_dim,
+        "token_dim": rows.shape[1],
     }
     if prompt.peft_type == "P_TUNING":
         config.update(encoder_dropout=0.0, encoder_hidden_size=prompt.encoder_hidden_size,
@@ -285,8 +406,7 @@ def peft_prompt_checkpoint(model: nn.Module) -> tuple[dict, dict]:
         # The init is only used when training starts; PEFT reads the weights of an inference checkpoint.
         config.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_kwargs=None,
                       tokenizer_name_or_path=None)
-    with torch.no_grad():
-        state = {"prompt_embeddings": prompt().detach().clone()}
+    state = {"prompt_embeddings": rows}
     config["modules_to_save"], head = task_head_checkpoint(model, task)
     return config, {**state, **head}
 

@@ -44,7 +44,7 @@ def test_lora_and_prefix_do_not_fit_one_peft_checkpoint(tmp_path):
 
 
 def test_save_without_a_delta_and_load_without_a_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match=r"no deltakern LoRA, prefix, prompt, \(IA\)³, adapters or BitFit biases to save"):
+    with pytest.raises(ValueError, match=r"no deltakern LoRA, prefix, prompt, \(IA\)³, adapters, BitFit biases or ladder side network to save"):
         deltakern.save(models.build("gpt2"), tmp_path / "out")
     with pytest.raises(ValueError, match="holds none of adapter_config.json, deltakern_adapters.json, deltakern_bitfit.json"):
         deltakern.load(models.build("gpt2"), tmp_path)
