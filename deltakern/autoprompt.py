@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .prompts import EncodedBatch, Template, Verbalizer, _check_tokenizer, _mlm_logits, _texts, _token_ids
+from .prompts import (EncodedBatch, Template, Verbalizer, _check_tokenizer, _mlm_logits, _texts, _texts_b,
+                      _token_ids)
 
 TRIGGER = "[T]"
 SLOT_ORDERS = ("random", "cyclic")
@@ -146,19 +147,6 @@ class TriggerTemplate(Template):
         rows = torch.arange(positions.shape[0]).unsqueeze(1)
         batch.input_ids[rows, positions] = torch.tensor(trigger_ids, dtype=torch.long)
         return TriggerBatch(batch.input_ids, batch.attention_mask, batch.mask_positions, positions)
-
-
-def _texts_b(caller: str, template: Template, texts_b, count: int) -> list[str] | None:
-    if template.has_text_b != (texts_b is not None):
-        need = "the pattern has {text_b}: pass texts_b" if template.has_text_b else \
-            "the pattern has no {text_b}: leave texts_b None"
-        raise ValueError(f"{caller}: {need} (pattern {template.pattern!r})")
-    if texts_b is None:
-        return None
-    texts_b = _texts(caller, "texts_b", texts_b)
-    if len(texts_b) != count:
-        raise ValueError(f"{caller}: texts has {count} entries, texts_b has {len(texts_b)}")
-    return texts_b
 
 
 def _class_indices(caller: str, labels, classes: list, count: int) -> torch.Tensor:

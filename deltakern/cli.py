@@ -190,6 +190,14 @@ def _bench(args) -> int:
         return 2
     suites = {op: _suite(op) for op in ops}
     shapes = {op: suite.quick_shapes if args.quick else suite.defaults(device) for op, suite in suites.items()}
+    if args.e2e_size == "large":
+        if args.quick or E2E not in suites:
+            print(f"deltakern bench: --e2e-size large sets the shapes of the e2e suite; "
+                  f"{'leave out --quick' if args.quick else 'add e2e to --ops'}", file=sys.stderr)
+            return 2
+        from .benchmark.e2e import E2E_LARGE_SHAPES
+
+        shapes[E2E] = E2E_LARGE_SHAPES
     if args.shapes:
         try:
             shape_types = {op: _suite(op).shape_type for op in known}
@@ -293,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     bench.add_argument("--backend", choices=BACKENDS, help="time only this deltakern backend")
     bench.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
+    bench.add_argument("--e2e-size", choices=("default", "large"), default="default",
+                       help="the e2e model: the device's default, or large (hidden 1024, 8 layers, 4 x 512 tokens)")
     bench.add_argument("--shapes", metavar="FILE",
                        help='JSON file of shapes replacing the defaults of the ops it names, keyed by --ops name, '
                             'each a list of objects with the fields of that op\'s shape: '

@@ -47,7 +47,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from .prompts import MASK, PVP, TEXT, TEXT_B, EncodedBatch, Template, Verbalizer, _special_tokens, _texts, _token_ids
+from .prompts import (MASK, PVP, TEXT, TEXT_B, EncodedBatch, Template, Verbalizer, _special_tokens, _texts, _texts_b,
+                      _token_ids)
 
 BLANK, LABEL = "[BLANK]", "{label}"
 
@@ -59,19 +60,6 @@ def _labels(caller: str, labels, classes: list, count: int) -> list:
     if unknown:
         raise ValueError(f"{caller}: label {unknown[0]!r} is not one of the classes {classes}")
     return list(labels)
-
-
-def _texts_b(caller: str, template: Template, texts_b, count: int) -> list[str] | None:
-    if template.has_text_b != (texts_b is not None):
-        need = "the pattern has {text_b}: pass texts_b" if template.has_text_b else \
-            "the pattern has no {text_b}: leave texts_b None"
-        raise ValueError(f"{caller}: {need} (pattern {template.pattern!r})")
-    if texts_b is None:
-        return None
-    texts_b = _texts(caller, "texts_b", texts_b)
-    if len(texts_b) != count:
-        raise ValueError(f"{caller}: texts has {count} entries, texts_b has {len(texts_b)}")
-    return texts_b
 
 
 def sentence_embeddings(model: nn.Module, tokenizer, texts, texts_b=None, *, batch_size: int = 32) -> torch.Tensor:

@@ -12,13 +12,17 @@ sentences):
   document; a cloze ``"s1 ? [MASK] , s2"`` read with the label words ``yes / maybe / no``.
 - Multiple choice (:class:`MultipleChoiceTask`): a sentence and options, one of them its next
   sentence, the others from other documents; a cloze over option letters ``A, B, C, ...``.
+- Single sentence (:class:`SingleSentenceTask`): every sentence with a pseudo-label from a
+  ``labeler`` the caller gives (PPT labels its corpus with a 5-class sentiment classifier; any
+  callable from a sentence to a class index works), a cloze ``"s It was [MASK] ."`` read with one
+  label word per class (PPT's ``terrible / bad / maybe / good / great`` by default).
 
 Both run through :mod:`deltakern.prompts` (Template, Verbalizer, PVP): the class logits are the
 masked LM head's logits at ``[MASK]`` over the label words, trained with cross-entropy, and only the
 prompt (:func:`deltakern.add_prompt`) is trained.
 
-Not implemented: PPT's single-sentence classification format (its labels come from a sentiment
-classifier run over the corpus, not from the text alone), its "unified" variant that casts every
+Not implemented: the sentiment classifier behind PPT's single-sentence labels (the caller brings
+a labeler), its "unified" variant that casts every
 format as multiple choice, and its use of a masked LM's own pre-training data pipeline (sentence
 splitting, document sampling at scale): ``documents`` come already split.
 """
@@ -26,6 +30,7 @@ splitting, document sampling at scale): ``documents`` come already split.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +39,9 @@ from torch import nn
 from .patch.prompt import add_prompt, has_prompt, load_prompt, save_prompt
 from .prompts import PVP, EncodedBatch, Template, Verbalizer
 
-__all__ = ["PAIR_LABELS", "ChoiceExample", "MultipleChoiceTask", "PairExample", "PretrainResult", "SentencePairTask",
-           "load_prompt", "multiple_choice_examples", "pretrain_prompt", "save_prompt", "sentence_pair_examples"]
+__all__ = ["PAIR_LABELS", "ChoiceExample", "MultipleChoiceTask", "PairExample", "PretrainResult", "SentenceExample",
+           "SentencePairTask", "SingleSentenceTask", "load_prompt", "multiple_choice_examples", "pretrain_prompt",
+           "save_prompt", "sentence_pair_examples", "single_sentence_examples"]
 
 # The sentence-pair classes, in class-index order.
 PAIR_LABELS = ("next", "same_document", "other_document")
@@ -57,6 +63,14 @@ class ChoiceExample:
     text: str
     options: tuple[str, ...]
     answer: int
+
+
+@dataclass(frozen=True)
+class SentenceExample:
+    """A sentence and its pseudo-label ``label`` (a class index)."""
+
+    text: str
+    label: int
 
 
 def _check_documents(documents, caller: str) -> list[list[str]]:
@@ -141,6 +155,38 @@ def multiple_choice_examples(documents, num_options: int = 3, seed: int = 0) -> 
     return examples
 
 
+def single_sentence_examples(documents, labeler: Callable[[str], int], num_classes: int,
+                             seed: int = 0) -> list[SentenceExample]:
+    """Every sentence of ``documents`` (a list of lists of sentences; one document is enough) with
+    the class ``labeler(sentence)``, an int in ``[0, num_classes)``; shuffled, deterministic given
+    ``seed``.
+
+    Raises:
+        ValueError: no documents, a document that is not a non-empty list of non-empty strings,
+            ``labeler`` not callable, or a label that is not an int in range (naming the sentence).
+    """
+    caller = "deltakern.ppt.single_sentence_examples"
+    if isinstance(documents, str) or not isinstance(documents, (list, tuple)) or not documents:
+        raise ValueError(f"{caller}: documents must be a non-empty list of documents (each a list of sentences), "
+                         f"got {documents!r:.200}")
+    if not callable(labeler):
+        raise ValueError(f"{caller}: labeler must be a callable from a sentence to a class index, got {labeler!r}")
+    examples = []
+    for d, document in enumerate(documents):
+        if isinstance(document, str) or not isinstance(document, (list, tuple)) or not document or \
+                not all(isinstance(sentence, str) and sentence.strip() for sentence in document):
+            raise ValueError(f"{caller}: document {d} must be a non-empty list of non-empty strings (its sentences), "
+                             f"got {document!r:.200}")
+        for sentence in document:
+            label = labeler(sentence)
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
+                raise ValueError(f"{caller}: labeler gave {label!r} for {sentence!r}; expected an int in "
+                                 f"[0, {num_classes})")
+            examples.append(SentenceExample(sentence, label))
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
 @dataclass
 class SentencePairTask:
     """The 3-class sentence-pair format: ``pattern`` with ``{text}``, ``{text_b}`` and ``[MASK]``;
@@ -195,8 +241,34 @@ class MultipleChoiceTask:
         return pvp.encode([e.text for e in examples], options, max_length)
 
 
+@dataclass
+class SingleSentenceTask:
+    """The single-sentence format: each sentence labelled by ``labeler`` (sentence -> class index),
+    read through ``pattern`` (``{text}`` and ``[MASK]``) with ``label_words[c]`` for class c."""
+
+    labeler: Callable[[str], int]
+    label_words: tuple = (["terrible"], ["bad"], ["maybe"], ["good"], ["great"])
+    pattern: str = "{text} It was [MASK] ."
+
+    def examples(self, documents, seed: int) -> list[SentenceExample]:
+        return single_sentence_examples(documents, self.labeler, len(self.label_words), seed)
+
+    def pvp(self, tokenizer) -> PVP:
+        """Raises ValueError: fewer than 2 classes of label words, or a pattern with ``{text_b}``."""
+        caller = "deltakern.ppt.SingleSentenceTask"
+        if len(self.label_words) < 2:
+            raise ValueError(f"{caller}: label_words must list the words of 2 classes or more, got {self.label_words!r}")
+        template = Template(self.pattern)
+        if template.has_text_b:
+            raise ValueError(f"{caller}: the pattern takes one sentence, {{text}}; got {self.pattern!r}")
+        return PVP(template, Verbalizer({c: list(words) for c, words in enumerate(self.label_words)}, tokenizer))
+
+    def encode(self, pvp: PVP, examples: list[SentenceExample], max_length: int | None) -> EncodedBatch:
+        return pvp.encode([e.text for e in examples], None, max_length)
+
+
 def _label(example) -> int:
-    return example.label if isinstance(example, PairExample) else example.answer
+    return example.answer if isinstance(example, ChoiceExample) else example.label
 
 
 @dataclass
@@ -209,7 +281,8 @@ class PretrainResult:
 
 
 def pretrain_prompt(model: nn.Module, tokenizer, documents, num_virtual_tokens: int,
-                    task: SentencePairTask | MultipleChoiceTask | None = None, steps: int = 100, batch_size: int = 16,
+                    task: SentencePairTask | MultipleChoiceTask | SingleSentenceTask | None = None, steps: int = 100,
+                    batch_size: int = 16,
                     lr: float = 3e-3, init: str = "vocab", seed: int = 0, max_length: int | None = None,
                     save_to=None) -> PretrainResult:
     """Pre-train a soft prompt on ``documents`` (PPT) and return the losses and the prompt.
@@ -230,8 +303,9 @@ def pretrain_prompt(model: nn.Module, tokenizer, documents, num_virtual_tokens: 
     """
     caller = "deltakern.ppt.pretrain_prompt"
     task = SentencePairTask() if task is None else task
-    if not isinstance(task, (SentencePairTask, MultipleChoiceTask)):
-        raise ValueError(f"{caller}: task must be a SentencePairTask or MultipleChoiceTask, got {type(task).__name__}")
+    if not isinstance(task, (SentencePairTask, MultipleChoiceTask, SingleSentenceTask)):
+        raise ValueError(f"{caller}: task must be a SentencePairTask, MultipleChoiceTask or SingleSentenceTask, got "
+                         f"{type(task).__name__}")
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{caller}: {name} must be an int >= 1, got {value!r}")

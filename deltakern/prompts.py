@@ -86,6 +86,21 @@ def _texts(caller: str, argument: str, texts) -> list[str]:
     return list(texts)
 
 
+def _texts_b(caller: str, template: Template, texts_b, count: int) -> list[str] | None:
+    """``texts_b`` checked against ``template``: given exactly when its pattern has ``{text_b}``,
+    one entry per text (``count``); ``ValueError`` naming ``caller`` otherwise."""
+    if template.has_text_b != (texts_b is not None):
+        need = "the pattern has {text_b}: pass texts_b" if template.has_text_b else \
+            "the pattern has no {text_b}: leave texts_b None"
+        raise ValueError(f"{caller}: {need} (pattern {template.pattern!r})")
+    if texts_b is None:
+        return None
+    texts_b = _texts(caller, "texts_b", texts_b)
+    if len(texts_b) != count:
+        raise ValueError(f"{caller}: texts has {count} entries, texts_b has {len(texts_b)}")
+    return texts_b
+
+
 class Template:
     """A PET pattern: a string with ``{text}``, optionally ``{text_b}``, and exactly one ``[MASK]``,
     e.g. ``"{text} It was [MASK]."`` or ``"{text} ? [MASK] , {text_b}"``.

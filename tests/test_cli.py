@@ -108,6 +108,7 @@ def test_bench_writes_summary_and_plots_that_agree_with_the_csv(tmp_path, capsys
         assert entry["peak_MB"] == pytest.approx(medians[(provider, "full", "peak_MB")], rel=1e-12)
         assert entry["ratio_to_reference"] == pytest.approx(
             medians[(provider, "full", "ms")] / medians[("reference", "full", "ms")], rel=1e-12)
+        assert entry["ratio_to_floor"] is None  # the adapter op has no floor provider
         assert entry["tokens_per_s"] is None
 
 
@@ -341,3 +342,12 @@ def test_quantiles_and_saved_bytes():
         return x * x
 
     assert harness.saved_tensors_bytes(drops_a_graph) == x.nbytes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "e2e", "--quick"], "leave out --quick"),
+    (["--ops", "adapter"], "add e2e to --ops"),
+])
+def test_e2e_size_large_needs_the_e2e_suite_at_its_full_size(tmp_path, capsys, argv, message):
+    assert main(["bench", *argv, "--e2e-size", "large", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

@@ -35,6 +35,9 @@ def test_shapes():
     cpu = e2e.E2E_DEFAULT_SHAPES["cpu"][0]
     assert (cpu.hidden, cpu.layers, cpu.seq, cpu.batch) == (512, 4, 256, 4)
     assert str(cpu) == "lora,h=512,L=4,seq=256,b=4"
+    large = e2e.E2E_LARGE_SHAPES
+    assert [s.method for s in large] == list(methods())
+    assert (large[0].hidden, large[0].layers, large[0].seq, large[0].batch) == (1024, 8, 512, 4)
     assert e2e.E2ECase(SHAPES["lora"], torch.float32, "cpu").tokens == SHAPES["lora"].batch * SHAPES["lora"].seq
 
 
@@ -43,14 +46,45 @@ def test_deltakern_step_matches_the_reference(cases, method):
     case = cases[method]
     providers = case.providers(["cpu", "reference"], with_compile=True)
     # torch.compile of the reference is left out on CPU (compile time, see deltakern.benchmark.e2e).
-    assert list(providers) == ["reference", "deltakern-cpu", "deltakern-reference"]
+    assert list(providers) == ["floor", "reference", "deltakern-cpu", "deltakern-reference"]
     assert providers["reference"].model is case.reference and providers["deltakern-cpu"].model is case.model
+    assert providers["floor"].model is case.floor
     for name, fn in providers.items():
         ok, worst = case.check(name, fn)
         assert ok and worst < 0.1, (name, worst)
     assert case.check("reference", providers["reference"]) == (True, 0.0)
     # The check ran in eval mode; the models are back in train mode, where LoRA dropout is on.
     assert case.reference.training and case.model.training
+
+
+def test_the_floor_is_the_frozen_base_with_a_gradient_to_its_embeddings(cases):
+    case = cases["lora"]
+    floor = case.providers([])["floor"]
+    assert not any(p.requires_grad for p in case.floor.parameters())
+    assert case.check("floor", floor) == (True, 0.0)
+    base = e2e.llama_base(case.shape, torch.float32, "cpu", case.floor.config.max_position_embeddings)
+    with torch.no_grad():
+        expected = base(**case.inputs).loss
+    assert floor().item() == expected.item()  # the untouched base model's loss, from its embeddings
+    step, _ = case.run_mode("floor", floor, "full")
+    step()
+    embeddings = case.floor_inputs["inputs_embeds"]
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+    case.run_mode("floor", floor, "full")[0]()  # zero_grad clears it: one step's gradient, not two
+    first = embeddings.grad.clone()
+    step()
+    torch.testing.assert_close(embeddings.grad, first)
+    # Saves the activations of every layer (the base's backward to the input), and no weight gradient.
+    assert case.saved_bytes(floor) > 0 and all(p.grad is None for p in case.floor.parameters())
+
+
+def test_summary_ratio_to_floor():
+    rows = [harness.Result(harness.Row("e2e", provider, "full", "s", "float32", "cpu", "ms", ms, ms, ms))
+            for provider, ms in (("floor", 100.0), ("reference", 150.0), ("deltakern-cpu", 110.0))]
+    entries = {e["provider"]: e for e in harness.summarize(rows)}
+    assert entries["deltakern-cpu"]["ratio_to_floor"] == pytest.approx(1.10)
+    assert entries["deltakern-cpu"]["ratio_to_reference"] == pytest.approx(110 / 150)
+    assert entries["floor"]["ratio_to_floor"] == 1.0
 
 
 @pytest.mark.parametrize("method", list(methods()))

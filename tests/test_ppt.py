@@ -18,11 +18,13 @@ from deltakern.ppt import (
     PAIR_LABELS,
     MultipleChoiceTask,
     SentencePairTask,
+    SingleSentenceTask,
     load_prompt,
     multiple_choice_examples,
     pretrain_prompt,
     save_prompt,
     sentence_pair_examples,
+    single_sentence_examples,
 )
 
 from .patch import models
@@ -30,7 +32,7 @@ from .patch import models
 TOPICS = ["cat", "dog", "rain", "sun", "ship", "sea"]
 VERBS = ["runs", "sleeps", "falls", "shines", "sails", "waits"]
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", ",", ".", ":", "yes", "maybe", "no", "a", "b", "c",
-         "answer", *TOPICS, *VERBS]
+         "answer", "it", "was", *TOPICS, *VERBS]
 # Three documents of four distinct sentences ("cat runs", "cat sleeps", ...).
 DOCUMENTS = [[f"{TOPICS[k]} {VERBS[(k + i) % 6]}" for i in range(4)] for k in range(3)]
 P = 4
@@ -81,7 +83,31 @@ def test_multiple_choice_answer_is_the_next_sentence():
     assert multiple_choice_examples(DOCUMENTS, num_options=3, seed=4) != examples
 
 
-@pytest.mark.parametrize("task", [SentencePairTask(), MultipleChoiceTask(num_options=3)], ids=["pair", "choice"])
+def wet(sentence: str) -> int:
+    """A planted pseudo-labeler: 1 for the rain and sea documents' sentences, else 0."""
+    return int(sentence.split()[0] in ("rain", "sea"))
+
+
+# The single-sentence format reads "yes" for a wet sentence, "no" otherwise.
+SINGLE = SingleSentenceTask(labeler=wet, label_words=(["no"], ["yes"]), pattern="{text} it was [MASK] .")
+
+
+def test_single_sentence_examples_carry_the_labelers_classes():
+    examples = single_sentence_examples(DOCUMENTS, wet, 2, seed=3)
+    assert sorted(e.text for e in examples) == sorted(s for doc in DOCUMENTS for s in doc)
+    assert all(e.label == wet(e.text) for e in examples) and {e.label for e in examples} == {0, 1}
+    assert single_sentence_examples(DOCUMENTS, wet, 2, seed=3) == examples
+    assert single_sentence_examples(DOCUMENTS, wet, 2, seed=4) != examples
+    with pytest.raises(ValueError, match=r"labeler gave 2 for 'cat runs'; expected an int in \[0, 2\)"):
+        single_sentence_examples(DOCUMENTS, lambda s: 2, 2)
+    with pytest.raises(ValueError, match="labeler must be a callable"):
+        single_sentence_examples(DOCUMENTS, "wet", 2)
+    with pytest.raises(ValueError, match="takes one sentence"):
+        SingleSentenceTask(labeler=wet, pattern="{text} [MASK] {text_b}").pvp(None)
+
+
+@pytest.mark.parametrize("task", [SentencePairTask(), MultipleChoiceTask(num_options=3), SINGLE],
+                         ids=["pair", "choice", "single"])
 def test_pretraining_loss_falls_and_only_the_prompt_trains(tokenizer, task, tmp_path):
     model = models.build("bert", initializer_range=0.5)
     base = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -185,7 +211,7 @@ def test_bad_init_and_bad_input(tokenizer, tmp_path):
         pretrain_prompt(fresh(), tokenizer, DOCUMENTS, P, task=SentencePairTask(label_words={"next": ["yes"]}))
     with pytest.raises(ValueError, match="num_options=7 needs as many option_names"):
         pretrain_prompt(fresh(), tokenizer, DOCUMENTS, P, task=MultipleChoiceTask(num_options=7))
-    with pytest.raises(ValueError, match="pretrain_prompt: task must be a SentencePairTask or MultipleChoiceTask"):
+    with pytest.raises(ValueError, match="pretrain_prompt: task must be a SentencePairTask, MultipleChoiceTask or SingleSentenceTask"):
         pretrain_prompt(fresh(), tokenizer, DOCUMENTS, P, task="nsp")
     with pytest.raises(ValueError, match="pretrain_prompt: steps must be an int >= 1, got 0"):
         pretrain_prompt(fresh(), tokenizer, DOCUMENTS, P, steps=0)

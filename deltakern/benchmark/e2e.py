@@ -10,6 +10,12 @@ Mode ``fwd`` is the forward with the autograd graph built, ``bwd`` the backward 
 
 Providers (the ``providers`` dict of :class:`E2ECase`):
 
+- ``floor``: the base model with every weight frozen, fed its input embeddings as a leaf that
+  requires grad, so backward runs through every activation to the input and computes no weight
+  gradient; its "optimizer" only clears that gradient. No delta method can train for less: a step
+  at ``x floor`` 1.00 would cost nothing over running the frozen model forward and backward. It is
+  the first provider, so the tables' ``x base`` column and ``ratio_to_floor`` in ``summary.json``
+  are relative to it.
 - ``reference``: what a user runs today, as each method declares it (``MethodSpec.e2e``, in
   ``deltakern/patch/<method>.py``): PEFT's ``get_peft_model`` where PEFT has the method (LoRA
   r=16 on all linear layers, 32 prefix or prompt tokens, P-tuning's MLP encoder, (IA)³ with its
@@ -129,6 +135,9 @@ E2E_DEFAULT_SHAPES = {
     "cpu": _shapes(hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1376, vocab=4096, seq=256, batch=4),
     "cuda": _shapes(hidden=2048, layers=8, heads=16, kv_heads=4, intermediate=5504, vocab=32000, seq=1024, batch=8),
 }
+# --e2e-size large: the second scale of issue 21 (hidden 1024, 8 layers, 2048 tokens), the same head
+# shape and FFN ratio; the output layer again 16% of the weights (16.8M of 105M).
+E2E_LARGE_SHAPES = _shapes(hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2752, vocab=16384, seq=512, batch=4)
 E2E_QUICK_SHAPES = _shapes(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=256, seq=32, batch=2)
 
 
@@ -161,6 +170,20 @@ class _Step:
             return self.call(**self.inputs).loss
 
 
+class _ClearGradient:
+    """The floor's optimizer: nothing to update; ``zero_grad`` drops the embeddings' gradient so
+    steps do not accumulate it."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        self.embeddings = embeddings
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.embeddings.grad = None
+
+    def step(self) -> None:
+        pass
+
+
 class E2ECase:
     """The two models of one :class:`E2EShape` and the providers that train them for one step.
 
@@ -184,6 +207,7 @@ class E2ECase:
         self.warmup, self.repeats = (1, 5) if device == "cpu" else (3, 10)
         base = llama_base(shape, dtype, device, shape.seq + max(m.e2e.virtual_tokens for m in methods().values()))
         ours = copy.deepcopy(base)
+        self.floor = copy.deepcopy(base).requires_grad_(False).train()
         providers = methods()[shape.method].e2e
         torch.manual_seed(_SEED + 2)
         with warnings.catch_warnings():
@@ -200,7 +224,11 @@ class E2ECase:
         g = torch.Generator().manual_seed(_SEED + 1)
         ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g).to(device)
         self.inputs = {"input_ids": ids, "labels": ids}
-        self._optimizers: dict[int, torch.optim.Optimizer] = {}
+        with torch.no_grad():
+            embeddings = self.floor.get_input_embeddings()(ids)
+        self.floor_inputs = {"inputs_embeds": embeddings.requires_grad_(True), "labels": ids}
+        self._optimizers: dict[int, torch.optim.Optimizer | _ClearGradient] = {
+            id(self.floor): _ClearGradient(self.floor_inputs["inputs_embeds"])}
         self._expected: dict[str, torch.Tensor] | None = None
 
     def _load_initial(self) -> None:
@@ -213,8 +241,10 @@ class E2ECase:
     # -- providers --------------------------------------------------------------------------
 
     def providers(self, backends: Iterable[str], with_compile: bool = True) -> dict[str, _Step]:
-        """``reference``, ``torch.compile`` (CUDA only, see the module docstring) and ``deltakern-<backend>``."""
-        found = {"reference": _Step(self.reference, self.reference, self.inputs)}
+        """``floor``, ``reference``, ``torch.compile`` (CUDA only, see the module docstring) and
+        ``deltakern-<backend>``."""
+        found = {"floor": _Step(self.floor, self.floor, self.floor_inputs),
+                 "reference": _Step(self.reference, self.reference, self.inputs)}
         if with_compile and self.device == "cuda":
             found["torch.compile"] = _Step(self.reference, torch.compile(self.reference), self.inputs)
         for backend in backends:
@@ -246,7 +276,11 @@ class E2ECase:
 
     def check(self, provider: str, fn: _Step) -> tuple[bool, float]:
         """Compare ``fn``'s loss and delta gradients with the eager reference's, each relative to the
-        largest magnitude of the reference's tensor. The reference's own run is the expectation."""
+        largest magnitude of the reference's tensor. The reference's own run is the expectation.
+        The floor has no delta: its loss from the embeddings must equal the frozen base model's
+        loss from the token ids, and its backward must reach the embeddings."""
+        if fn.model is self.floor:
+            return self._check_floor(fn)
         results = self._gradients(fn)
         if self._expected is None:
             self._expected = results if provider == "reference" else self._gradients(
@@ -256,6 +290,22 @@ class E2ECase:
         atol, rtol = _TOLERANCES[self.dtype]
         return check_close({name: value / scales[name] for name, value in results.items()},
                            {name: value / scales[name] for name, value in self._expected.items()}, atol, rtol)
+
+    def _check_floor(self, fn: _Step) -> tuple[bool, float]:
+        embeddings = self.floor_inputs["inputs_embeds"]
+        self.floor.eval()
+        try:
+            loss = fn()
+            loss.backward()
+            with torch.no_grad():
+                expected = self.floor(**self.inputs).loss
+        finally:
+            self.floor.train()
+        reached = embeddings.grad is not None and bool(embeddings.grad.abs().sum() > 0)
+        embeddings.grad = None
+        error = (loss.detach() - expected).abs().item() / max(expected.abs().item(), torch.finfo(expected.dtype).tiny)
+        atol, _ = _TOLERANCES[self.dtype]
+        return reached and error <= atol, error
 
     def run_mode(self, provider: str, fn: _Step, mode: str) -> tuple[Callable, Callable | None]:
         """(timed callable, setup) for ``mode``: ``fwd`` builds the graph, ``bwd`` runs backward

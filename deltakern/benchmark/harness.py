@@ -286,7 +286,8 @@ def versions() -> dict:
 
 def summarize(results: Iterable[Result]) -> list[dict]:
     """One entry per (op, shape, provider) in run order: median ms of each mode, the full step's
-    ratio to ``reference``, saved and peak MB, tokens/s where the op has it, and the check."""
+    ratio to ``reference`` and to the case's floor (its first provider, where that is not the
+    reference; else None), saved and peak MB, tokens/s where the op has it, and the check."""
     entries: dict[tuple[str, str, str], dict] = {}
     for r in results:
         row = r.row
@@ -295,9 +296,14 @@ def summarize(results: Iterable[Result]) -> list[dict]:
             "check": "ok" if r.ok else "FAIL", "detail": r.detail, "tokens_per_s": None})
         key = f"{row.mode}_ms" if row.metric == "ms" else row.metric
         entry[key] = row.p50
+    baselines: dict[tuple[str, str], dict] = {}
     for (op, shape, _), entry in entries.items():
+        baselines.setdefault((op, shape), entry)  # the case's first provider
+    for (op, shape, provider), entry in entries.items():
         reference = entries.get((op, shape, "reference"))
         entry["ratio_to_reference"] = entry["full_ms"] / reference["full_ms"] if reference else None
+        floor = baselines[(op, shape)]
+        entry["ratio_to_floor"] = entry["full_ms"] / floor["full_ms"] if floor["provider"] != "reference" else None
     return list(entries.values())
 
 
