@@ -18,7 +18,7 @@ other layer with the same adapters (one host sync per batch shape, not per layer
 
 from __future__ import annotations
 
-import types
+import functools
 
 from torch import nn
 
@@ -99,8 +99,9 @@ def _install(model: nn.Module) -> AdapterRouting:
         model.register_forward_pre_hook(_pre_forward, with_kwargs=True)
         model.register_forward_hook(_post_forward, with_kwargs=True, always_call=True)
         if callable(getattr(type(model), "generate", None)):
-            # On the instance, not the class: other models of the class are left alone.
-            model.generate = types.MethodType(_generate, model)
+            # On the instance, not the class: other models of the class are left alone. A partial,
+            # not a bound method, so that pickle (torch.save of the whole model) can rebuild it.
+            model.generate = functools.partial(_generate, model)
     return routing
 
 

@@ -24,9 +24,9 @@ forward, so merging or switching adapters after ``patch`` stays correct and PEFT
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
-import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -392,7 +392,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 def _is_patched(layer: nn.Module) -> bool:
     forward = layer.__dict__.get("forward")
-    return isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward
+    return isinstance(forward, functools.partial) and forward.func is _fused_forward
 
 
 def patch(peft_model: nn.Module) -> PatchReport:
@@ -438,7 +438,8 @@ def patch(peft_model: nn.Module) -> PatchReport:
     for name, layer in _lora_layers(peft_model, "deltakern.patch"):
         reason = _skip_reason(layer, linear_cls)
         if reason is None:
-            layer.forward = types.MethodType(_fused_forward, layer)
+            # A partial, not a bound method: pickle (torch.save of the whole model) can rebuild it.
+            layer.forward = functools.partial(_fused_forward, layer)
             report.patched.append(name)
         else:
             report.skipped.append((name, reason))

@@ -163,3 +163,30 @@ def test_dropout():
 def test_no_lora_layers_raise():
     with pytest.raises(ValueError, match="deltakern.patch: LlamaForCausalLM has no PEFT LoRA layers"):
         deltakern.patch(build("llama"))
+
+
+def test_a_patched_model_pickles_whole_and_unpatches(tmp_path):
+    """torch.save of the whole model (pickle) works after patch, as it does for PEFT's model; the
+    loaded copy is still patched and computes the same; unpatch puts PEFT's forward back."""
+    model = get_peft_model(build("llama"), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+    draw_normal(model, "lora_B", std=0.1)
+    assert len(deltakern.patch(model).patched) == 4
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    data = inputs("llama")
+    assert torch.equal(loaded(**data).logits, model(**data).logits)
+    layers = [m for m in loaded.modules() if "forward" in m.__dict__]
+    assert len(layers) == 4 and all(peft_patch._is_patched(m) for m in layers)
+    deltakern.unpatch(loaded)
+    assert not any("forward" in m.__dict__ for m in loaded.modules())
+
+
+def test_a_model_with_named_adapters_pickles_whole(tmp_path):
+    model = deltakern.add_lora(build("llama"), r=4, adapter_name="a")
+    deltakern.add_lora(model, r=4, adapter_name="b")
+    draw_normal(model, "lora_B", std=0.1)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    data = inputs("llama")
+    assert torch.equal(loaded(**data, adapter_names=["a", "b"]).logits, model(**data, adapter_names=["a", "b"]).logits)
+    assert loaded.generate.args == (loaded,)  # generate takes adapter_names on the loaded model itself
