@@ -1,6 +1,6 @@
 """deltakern: fused kernels for parameter-efficient fine-tuning (LoRA, prefix tuning, adapters)."""
 
-from . import autoprompt, intrinsic_prompt, lmbff, nf4, nn, pet, ppt, prompts
+from . import autoprompt, intrinsic_prompt, ipet, lmbff, nf4, nn, pet, ppt, prompts
 from .verbalizers import KnowledgeableVerbalizer, PrototypicalVerbalizer, instance_loss, prototype_loss
 from .backend import BACKENDS, BackendUnavailableError, use_backend
 from .ops import (
@@ -49,5 +49,5 @@ __all__ = [
     "LoraSegments", "lora_segments", "segmented_lora_linear",
     "adapter_parameters", "set_adapter",
     "KnowledgeableVerbalizer", "PrototypicalVerbalizer", "instance_loss", "prototype_loss",
-    "autoprompt", "intrinsic_prompt", "lmbff", "pet", "ppt", "load_prompt", "save_prompt",
+    "autoprompt", "intrinsic_prompt", "ipet", "lmbff", "pet", "ppt", "load_prompt", "save_prompt",
 ]

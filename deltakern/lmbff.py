@@ -48,7 +48,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from .prompts import (MASK, PVP, TEXT, TEXT_B, EncodedBatch, Template, Verbalizer, _special_tokens, _texts, _texts_b,
-                      _token_ids)
+                      _token_ids, pad_rows)
 
 BLANK, LABEL = "[BLANK]", "{label}"
 
@@ -263,16 +263,7 @@ class DemonstrationPool:
                                  f"demonstrations ({len(context)} tokens): {error}") from error
             rows.append(query.input_ids[0].tolist() + context)
             positions.append(int(query.mask_positions[0]))
-        length = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-        left = getattr(tokenizer, "padding_side", "right") == "left"
-        for b, ids in enumerate(rows):
-            start = length - len(ids) if left else 0
-            input_ids[b, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[b, start:start + len(ids)] = 1
-            positions[b] += start
-        return EncodedBatch(input_ids, attention_mask, torch.tensor(positions, dtype=torch.long))
+        return pad_rows(tokenizer, rows, positions)
 
 
 @dataclass

@@ -56,6 +56,23 @@ class EncodedBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
+def pad_rows(tokenizer, rows: list[list[int]], mask_positions: list[int]) -> EncodedBatch:
+    """Token id rows of different lengths as one :class:`EncodedBatch` ``[B, L_max]``, padded with
+    ``pad_token_id`` on the tokenizer's ``padding_side`` (right unless it says left);
+    ``mask_positions[b]`` (the mask's index in row b) shifts with left padding."""
+    length = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    positions = list(mask_positions)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for row, ids in enumerate(rows):
+        start = length - len(ids) if left else 0
+        input_ids[row, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, start:start + len(ids)] = 1
+        positions[row] += start
+    return EncodedBatch(input_ids, attention_mask, torch.tensor(positions, dtype=torch.long))
+
+
 def _token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -200,16 +217,7 @@ class Template:
                 else:
                     ids.extend(filled[part] if isinstance(part, str) else part)
             rows.append(ids + after)
-        length = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-        left = getattr(tokenizer, "padding_side", "right") == "left"
-        for row, ids in enumerate(rows):
-            start = length - len(ids) if left else 0
-            input_ids[row, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, start:start + len(ids)] = 1
-            positions[row] += start
-        return EncodedBatch(input_ids, attention_mask, torch.tensor(positions, dtype=torch.long))
+        return pad_rows(tokenizer, rows, positions)
 
 
 class Verbalizer:

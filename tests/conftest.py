@@ -33,3 +33,13 @@ def poison_uninitialized():
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny shapes, where more threads only add scheduling noise
+    on the shared CPU (the prompt search tests compare losses step by step)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

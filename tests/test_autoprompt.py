@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from deltakern.autoprompt import (TriggerTemplate, label_word_log_likelihood, mask_features, search_label_words,
                                   search_triggers)
 from deltakern.prompts import PVP, Template, Verbalizer
+from tests.word_tokenizer import word_tokenizer
 
 from .patch import models
 
@@ -23,20 +23,12 @@ TEXTS = ["the movie was fine", "the acting is fine", "fine film", "the plot was 
 LABELS = ["pos", "pos", "pos", "neg", "neg", "neg"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes: threads only add scheduling noise on the shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def tokenizer(tmp_path):
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(WORDS) + "\n")
-    return transformers.BertTokenizerFast(vocab=str(vocab))
+    return word_tokenizer(tmp_path, WORDS)
 
 
 def ids(*words):

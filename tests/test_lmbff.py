@@ -13,6 +13,7 @@ import transformers
 from deltakern.lmbff import (DemonstrationPool, GeneratedTemplate, generate_templates, rank_templates,
                              sentence_embeddings)
 from deltakern.prompts import PVP, Template, Verbalizer
+from tests.word_tokenizer import word_tokenizer
 
 from .patch import models
 
@@ -27,19 +28,12 @@ PIECES = ["<pad>", "</s>", "<unk>", "▁the", "▁movie", "▁was", "▁great", 
           "▁boring", "▁acting", "▁film", "▁plot", "▁is", "▁so", "▁really", "▁a", "▁"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def tokenizer(tmp_path):
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(WORDS) + "\n")
-    return transformers.BertTokenizerFast(vocab=str(vocab))
+    return word_tokenizer(tmp_path, WORDS)
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import deltakern
-from deltakern.pet import (_apportion, _draw, distill, ipet, mask_tokens, pet_loss, pvp_weights, soft_labels,
-                           train_pvp_model)
+from deltakern.ipet import _apportion, _draw, ipet
+from deltakern.pet import distill, mask_tokens, pet_loss, pvp_weights, soft_labels, train_pvp_model
 from deltakern.prompts import PVP, Template, Verbalizer
 
 from .patch import models

@@ -11,7 +11,6 @@ import re
 
 import pytest
 import torch
-import transformers
 
 import deltakern
 from deltakern.ppt import (
@@ -26,6 +25,7 @@ from deltakern.ppt import (
     sentence_pair_examples,
     single_sentence_examples,
 )
+from tests.word_tokenizer import word_tokenizer
 
 from .patch import models
 
@@ -42,9 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 @pytest.fixture
 def tokenizer(tmp_path):
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(WORDS) + "\n")
-    return transformers.BertTokenizerFast(vocab=str(vocab))
+    return word_tokenizer(tmp_path, WORDS)
 
 
 def where(sentence):

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 
 import deltakern
 from deltakern.prompts import PVP, Template, Verbalizer, ensemble
+from tests.word_tokenizer import word_tokenizer
 
 from .patch import models
 
@@ -19,9 +19,7 @@ PAD, UNK, CLS, SEP, MASK_ID = 0, 1, 2, 3, 4
 
 @pytest.fixture
 def tokenizer(tmp_path):
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(WORDS) + "\n")
-    return transformers.BertTokenizerFast(vocab=str(vocab))
+    return word_tokenizer(tmp_path, WORDS)
 
 
 def ids(*words):

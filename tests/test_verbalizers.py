@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 
 import deltakern
 from deltakern.prompts import PVP, Template, Verbalizer, ensemble
 from deltakern.verbalizers import KnowledgeableVerbalizer, PrototypicalVerbalizer, instance_loss, prototype_loss
+from tests.word_tokenizer import word_tokenizer
 
 from .patch import models
 
@@ -25,9 +25,7 @@ UNLABELED = ["the movie", "the plot is fine", "a story", "it is a film", "acting
 
 @pytest.fixture
 def tokenizer(tmp_path):
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(WORDS) + "\n")
-    return transformers.BertTokenizerFast(vocab=str(vocab))
+    return word_tokenizer(tmp_path, WORDS)
 
 
 def ids(*words):
