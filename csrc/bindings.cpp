@@ -78,6 +78,10 @@ TORCH_LIBRARY(deltakern, m) {
   // Takes no tensor, so it has one catch-all kernel: the CPU port of philox.h, for the tests.
   m.def("dropout_keep_mask(int rows, int cols, float p, int seed) -> Tensor",
         &deltakern::dropout_keep_mask_cpu);
+  // The SIMD variants of the CPU's keep-mask block, each checked against the reference.
+  m.def("keep_block_variants() -> str[]", &deltakern::keep_block_variants);
+  m.def("keep_block_bytes(int seed, int first_counter, float p, str variant) -> Tensor",
+        &deltakern::keep_block_bytes_cpu);
 }
 
 TORCH_LIBRARY_IMPL(deltakern, CPU, m) {

@@ -8,7 +8,9 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace deltakern {
 
@@ -64,6 +66,11 @@ const LoraDropoutKernels& lora_dropout_kernels_cpu();
 
 // Bool [rows, cols] keep-mask of the dropout of (seed, dropout_p): exposes philox.h to the tests.
 at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double dropout_p, int64_t seed);
+
+// The uint8 [256] keep bytes of counters first_counter ... first_counter + 63 from one keep_block
+// variant (csrc/cpu/keep_mask.h), and the variants this CPU runs: for the tests.
+at::Tensor keep_block_bytes_cpu(int64_t seed, int64_t first_counter, double p, const std::string& variant);
+std::vector<std::string> keep_block_variants();
 
 #ifdef DELTAKERN_WITH_CUDA
 // The CUDA dropout kernels, as lora_dropout_kernels_cpu.

@@ -1,12 +1,14 @@
 // The CPU port of the dropout keep mask (DESIGN.md, "Dropout randomness"), shared by the CPU
-// kernels that drop x: lora_linear's dropout parts (csrc/cpu/lora_linear.cpp, which defines
-// keep_block) and dora_linear's (csrc/cpu/dora_linear.cpp, which also draws runs of a few
+// kernels that drop x: lora_linear's dropout parts (csrc/cpu/lora_linear.cpp; keep_block is
+// defined in csrc/cpu/keep_block.cpp) and dora_linear's (csrc/cpu/dora_linear.cpp, which also draws runs of a few
 // counters from several rows at once). Element e of the flattened [M, K]
 // index space is kept when lane e % 4 of philox4x32_10(seed, e / 4) passes the threshold of p.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "deltakern/philox.h"
 
@@ -53,8 +55,15 @@ inline __attribute__((always_inline)) void keep_counters(uint64_t seed, uint64_t
   keep_counter_runs<1, kCounters>(seed, &first_counter, threshold, keep);
 }
 
-// keep_counters<kKeepBlockCounters>, vectorized for the CPU it runs on (csrc/cpu/lora_linear.cpp).
+// The bytes of keep_counters<kKeepBlockCounters>, in intrinsics for the CPU it runs on
+// (csrc/cpu/keep_block.cpp): the fastest of keep_block_variants().
 void keep_block(uint64_t seed, uint64_t first_counter, uint32_t threshold, uint8_t* keep);
+
+// The variants of keep_block this CPU runs, fastest first, among "avx512", "avx2" and "portable".
+std::vector<std::string> keep_block_variants();
+using KeepBlockFn = void (*)(uint64_t seed, uint64_t first_counter, uint32_t threshold, uint8_t* keep);
+// One variant, for the tests; throws std::invalid_argument if this CPU cannot run it.
+KeepBlockFn keep_block_variant(const std::string& variant);
 
 // Calls f(offset, count, keep) over the elements [begin, end) of the flattened [M, K] index
 // space in consecutive runs: keep[j] is the keep bit of element begin + offset + j.

@@ -9,20 +9,10 @@
 #include <algorithm>
 
 #include "blocks.h"
-#include "deltakern/philox.h"
 #include "keep_mask.h"
 #include "lora_linear.h"
-#include "vec16.h"
 
 namespace deltakern {
-
-// keep_block of keep_mask.h, compiled for AVX-512, AVX2 and the baseline, picked at load time.
-// The RNG is the largest cost of dropout here: a mask of 2M elements took 9.5 ms on 2 cores with
-// the scalar philox4x32_10 loop, and on one core 2.7 ms with this block vectorized for AVX2,
-// 1.7 ms for AVX-512 (Zen 4).
-DELTAKERN_CLONES void keep_block(uint64_t seed, uint64_t first_counter, uint32_t threshold, uint8_t* keep) {
-  keep_counters<kKeepBlockCounters>(seed, first_counter, threshold, keep);
-}
 
 namespace {
 
@@ -129,6 +119,20 @@ at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double dropout_p, i
     });
   });
   return mask;
+}
+
+at::Tensor keep_block_bytes_cpu(int64_t seed, int64_t first_counter, double p, const std::string& variant) {
+  TORCH_CHECK(seed >= 0 && first_counter >= 0, "deltakern.keep_block_bytes: seed and first_counter must be >= 0");
+  KeepBlockFn block;
+  try {
+    block = keep_block_variant(variant);
+  } catch (const std::invalid_argument& error) {
+    TORCH_CHECK(false, error.what());
+  }
+  at::Tensor keep = at::empty({kKeepBlockElements}, at::TensorOptions().dtype(at::kByte));
+  block(static_cast<uint64_t>(seed), static_cast<uint64_t>(first_counter),
+        dropout_threshold(static_cast<float>(p)), keep.data_ptr<uint8_t>());
+  return keep;
 }
 
 }  // namespace deltakern
