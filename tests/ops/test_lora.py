@@ -68,6 +68,18 @@ def test_fp32_matches_reference(backend, shape, bias, dropout_p, poison_uninitia
     check_against_reference(backend, make_inputs((m, k), n, r, bias), torch.float32, dropout_p)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_dropout_over_several_row_blocks_per_thread(dtype, poison_uninitialized):
+    """The CPU dropout kernels drop x in row blocks of at most 512 rows per thread: 2 threads on
+    1100 rows each take two blocks, the second a partial one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_against_reference("cpu", make_inputs((1100, 8), 5, 4), dtype, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dropout_p", DROPOUTS)
 @pytest.mark.parametrize("shape", [(0, 13, 5, 4), (7, 0, 5, 4), (7, 13, 0, 4)], ids=shape_id)
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
