@@ -38,6 +38,15 @@ def freeze_base(model: nn.Module) -> None:
         parameter.requires_grad_(id(parameter) in delta)
 
 
+def prompt_weight_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a prompt's or prefix's trainable weights over a model computing in
+    ``model_dtype``: float32 over float16 and bfloat16 models, as PEFT keeps them (its prompt,
+    P-tuning and prefix encoders are built in float32 and their outputs cast to the model's dtype
+    where they are used; a bf16 P-tuning encoder lands 4x further from the fp32 step than PEFT's),
+    else the model's own."""
+    return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
+
+
 def check_config(caller: str, what: str, config: dict, keys: tuple[str, ...], fmt: str, version: int) -> None:
     """A ``ValueError`` naming what is wrong when one of deltakern's own checkpoint configs lacks a
     key of ``keys`` or is of another format or version."""

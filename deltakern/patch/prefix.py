@@ -50,7 +50,8 @@ from torch import nn
 from ..nn import PrefixEncoder
 from ..ops import prefix_attention
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
-from .common import freeze_base, load_base_model_tensors, peft_config_fields, peft_task_type, task_head_checkpoint
+from .common import (freeze_base, load_base_model_tensors, peft_config_fields, peft_task_type, prompt_weight_dtype,
+                     task_head_checkpoint)
 from .families import blocks, family_of
 
 IMPLEMENTATION = "deltakern"
@@ -323,7 +324,7 @@ def _attach(model: nn.Module, num_virtual_tokens: int, projection_hidden: int | 
         num_slots = len(found)
     first_parameter = next(model.parameters())
     encoder = PrefixEncoder(num_slots, num_kv_heads, head_dim, num_virtual_tokens, projection_hidden)
-    encoder.to(device=first_parameter.device, dtype=first_parameter.dtype)
+    encoder.to(device=first_parameter.device, dtype=prompt_weight_dtype(first_parameter.dtype))
     encoder.layout = layout
     model.add_module(ENCODER_ATTRIBUTE, encoder)
 

@@ -39,7 +39,8 @@ from torch import nn
 from ..nn import PromptEncoder
 from ..nn.prompt import ENCODERS, VirtualTokens
 from ..registry import E2EProviders, MethodSpec, PeftFormat, register_method
-from .common import freeze_base, load_base_model_tensors, peft_config_fields, peft_task_type, task_head_checkpoint
+from .common import (freeze_base, load_base_model_tensors, peft_config_fields, peft_task_type, prompt_weight_dtype,
+                     task_head_checkpoint)
 
 PROMPT_ATTRIBUTE = "deltakern_prompt"
 # Model classes whose labels have one entry per input token (and so get -100 on virtual tokens).
@@ -93,7 +94,9 @@ def _prepend(kwargs: dict, prompt: VirtualTokens, embeddings: nn.Embedding, toke
     if embeds is None:
         embeds = embeddings(input_ids)
     batch = embeds.shape[0]
-    virtual = prompt.prompts().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    # Expanded before the cast: backward then sums the batch's gradients in the prompt's own dtype
+    # (fp32 over a bf16 model, as PEFT, whose embedding lookup of [B, P] token ids sums in fp32).
+    virtual = prompt.prompts().unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
     kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
     token_types = kwargs.get("token_type_ids")
     if token_types is not None:
@@ -158,7 +161,8 @@ def _init_ids(init: str, total: int, vocab_size: int, tokenizer, device, caller:
 def install_prompt(model: nn.Module, make_prompt: Callable[[int, int], VirtualTokens], caller: str) -> VirtualTokens:
     """Put the virtual tokens ``make_prompt(D, S)`` before the input of ``model`` (``D`` its
     embedding width, ``S`` 2 for encoder-decoder models, else 1): register them as
-    ``model.deltakern_prompt`` (cast to the embeddings' device and dtype), add the pre-hooks of the
+    ``model.deltakern_prompt`` (on the embeddings' device, in their dtype or float32 over a float16 or
+    bfloat16 model: :func:`~deltakern.patch.common.prompt_weight_dtype`), add the pre-hooks of the
     module docstring, freeze the base, and return them. Every kind of prompt (``add_prompt``,
     ``deltakern.intrinsic_prompt.add_intrinsic_prompt``) goes through here.
 
@@ -175,7 +179,7 @@ def install_prompt(model: nn.Module, make_prompt: Callable[[int, int], VirtualTo
         raise ValueError(f"{caller}: {name} already has a deltakern prompt")
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     prompt = make_prompt(embeddings.embedding_dim, 2 if encoder_decoder else 1)
-    prompt.to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+    prompt.to(device=embeddings.weight.device, dtype=prompt_weight_dtype(embeddings.weight.dtype))
     model.add_module(PROMPT_ATTRIBUTE, prompt)
     if encoder_decoder:
         stack = model.get_encoder()

@@ -44,13 +44,13 @@ def batch_with_labels(family: str) -> dict:
     return batch
 
 
-def peft_model(family: str, encoder: str | None = None, seed: int = 5):
+def peft_model(family: str, encoder: str | None = None, seed: int = 5, dtype: torch.dtype = torch.float32):
     if encoder is None:
         config = PromptTuningConfig(task_type=PEFT_TASK[family], num_virtual_tokens=P)
     else:
         config = PromptEncoderConfig(task_type=PEFT_TASK[family], num_virtual_tokens=P, encoder_hidden_size=24,
                                      encoder_reparameterization_type=encoder.upper())
-    reference = get_peft_model(build(family), config)
+    reference = get_peft_model(build(family).to(dtype), config)
     torch.manual_seed(seed)
     with torch.no_grad():
         for parameter in reference.prompt_encoder["default"].parameters():
@@ -58,9 +58,9 @@ def peft_model(family: str, encoder: str | None = None, seed: int = 5):
     return reference.eval()
 
 
-def ours_like(reference, family: str, encoder: str | None = None):
+def ours_like(reference, family: str, encoder: str | None = None, dtype: torch.dtype = torch.float32):
     hidden = None if encoder is None else 24
-    model = deltakern.add_prompt(build(family), P, encoder=encoder, encoder_hidden_size=hidden)
+    model = deltakern.add_prompt(build(family).to(dtype), P, encoder=encoder, encoder_hidden_size=hidden)
     # Same parameter names and shapes as PEFT's encoder: a strict load.
     model.deltakern_prompt.load_state_dict(reference.prompt_encoder["default"].state_dict())
     return model.eval()
@@ -118,6 +118,27 @@ def test_p_tuning_matches_peft(family, encoder):
     for name, parameter in ours_parameters.items():
         assert parameter.requires_grad and theirs[name].grad.abs().max() > 1e-5, name
         torch.testing.assert_close(parameter.grad, theirs[name].grad, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("encoder", [None, "lstm", "mlp"])
+def test_bf16_model_keeps_the_prompt_in_fp32_as_peft(encoder):
+    """Over a bf16 model PEFT builds its prompt and P-tuning encoders in fp32 and casts their output
+    to bf16 where it is used; so does add_prompt: same parameter dtypes, the same bf16 logits bit for
+    bit, and the same fp32 gradients."""
+    reference = peft_model("llama", encoder, dtype=torch.bfloat16)
+    ours = ours_like(reference, "llama", encoder, dtype=torch.bfloat16)
+    theirs = dict(reference.prompt_encoder["default"].named_parameters())
+    ours_parameters = dict(ours.deltakern_prompt.named_parameters())
+    assert {p.dtype for p in theirs.values()} == {p.dtype for p in ours_parameters.values()} == {torch.float32}
+    batch = batch_with_labels("llama")
+    theirs_out, ours_out = reference(**batch).logits, ours(**batch).logits
+    assert ours_out.dtype == torch.bfloat16
+    assert torch.equal(ours_out, theirs_out)
+    models.loss_of(theirs_out.float()).backward()
+    models.loss_of(ours_out.float()).backward()
+    for name, parameter in ours_parameters.items():
+        assert theirs[name].grad.abs().max() > 1e-5, name
+        torch.testing.assert_close(parameter.grad, theirs[name].grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("encoder", ["lstm", "mlp"])
