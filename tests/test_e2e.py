@@ -98,6 +98,26 @@ def test_check_fails_when_the_models_differ(method):
     assert not ok and worst > 1.0
 
 
+@pytest.mark.parametrize("method", list(methods()))
+def test_bf16_check_is_against_the_reference_in_fp32(method):
+    """In bf16 the expectation is the reference's step in fp32: deltakern's step passes, with an
+    error within twice the bf16 reference's; the bf16 reference passes against itself; a model
+    with one projection's weight doubled fails (10% moves the prompt methods' gradients by about
+    1%, within bf16's noise there)."""
+    case = e2e.E2ECase(SHAPES[method], torch.bfloat16, "cpu")
+    providers = case.providers(["cpu"])
+    ok, worst = case.check("deltakern-cpu", providers["deltakern-cpu"])
+    assert ok and worst <= 1.0, worst
+    ok, worst = case.check("reference", providers["reference"])
+    assert ok and worst < 1 / e2e._LOW_PRECISION_FACTOR
+    assert all(value.dtype == torch.float32 for value in case._expected_fp32.values())
+    gate = case.model.model.layers[0].mlp.gate_proj
+    with torch.no_grad():
+        (gate.base_layer.weight_absmax if method == "qlora" else gate.weight).mul_(2.0)
+    ok, worst = case.check("deltakern-cpu", providers["deltakern-cpu"])
+    assert not ok and worst > 1.0
+
+
 def test_same_base_and_delta_weights(cases):
     for method, case in cases.items():
         base = case.reference if method in ("adapter", "bitfit") else case.reference.get_base_model()

@@ -28,6 +28,8 @@ difference to adding the adapter inside the dropout is that the adapter branch i
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -285,9 +287,15 @@ def _e2e_reference(base: nn.Module) -> nn.Module:
         for parameter in adapter.parameters():
             nn.init.normal_(parameter, std=1e-2)
         adapters.append(adapter)
-        base.get_submodule(name).register_forward_hook(lambda module, args, out, a=adapter: a(out))
+        # A partial, not a closure: copy.deepcopy of the model (the bf16 check's fp32 copy) then
+        # hooks the copied adapter.
+        base.get_submodule(name).register_forward_hook(functools.partial(_apply_e2e_adapter, adapter))
     base.add_module("houlsby_adapters", adapters)
     return base
+
+
+def _apply_e2e_adapter(adapter: nn.Module, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+    return adapter(out)
 
 
 def _e2e_pairs(reference: nn.Module, ours: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
