@@ -77,3 +77,21 @@ def test_lowp_floor_is_relative():
     assert_close(exact, expected, exact, name="exact")
     with pytest.raises(AssertionError, match="bfloat16 error"):
         assert_close(torch.zeros_like(exact), expected, exact, name="zeros")
+
+
+def test_bench_judges_low_precision_against_the_reference_error():
+    """In bf16 a provider beyond the fixed tolerance passes only within twice the reference's own
+    scaled error; in fp32 the fixed tolerance alone decides."""
+    from deltakern.benchmark.harness import _judge_checks
+
+    errors = {"frozen-linear": (True, 0.2), "reference": (False, 2.5), "deltakern-cpu": (False, 4.9),
+              "deltakern-triton": (False, 5.1)}
+    judged = _judge_checks(errors, torch.bfloat16)
+    assert {p: ok for p, (ok, _) in judged.items()} == {"frozen-linear": True, "reference": True,
+                                                          "deltakern-cpu": True, "deltakern-triton": False}
+    assert "reference 2.5; bound 5" in judged["deltakern-triton"][1]
+    assert {p: ok for p, (ok, _) in _judge_checks(errors, torch.float32).items()} == {
+        "frozen-linear": True, "reference": False, "deltakern-cpu": False, "deltakern-triton": False}
+    # A reference that is not finite gives no bound.
+    assert not _judge_checks({"reference": (False, float("nan")), "deltakern-cpu": (False, 1.5)},
+                             torch.bfloat16)["deltakern-cpu"][0]

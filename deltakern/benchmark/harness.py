@@ -317,6 +317,28 @@ class Result:
     detail: str = ""
 
 
+# In bf16 and fp16 a provider passes when its scaled error is within the fixed tolerance or at most
+# twice the reference's (PEFT's way, in the same dtype), as FlashAttention judges its low-precision
+# kernels against the reference's own error: at M=2048, 1024² the bf16 LoRA of PEFT's way is
+# itself 1.5-3x beyond the fixed 5e-2 against fp64.
+LOW_PRECISION_FACTOR = 2.0
+
+
+def _judge_checks(worst_errors: dict[str, tuple[bool, float]], dtype: torch.dtype) -> dict[str, tuple[bool, str]]:
+    """(ok, detail) of each provider from its case check's (ok, worst scaled error)."""
+    reference = worst_errors.get("reference")
+    relative = dtype in (torch.bfloat16, torch.float16) and reference is not None and math.isfinite(reference[1])
+    checks = {}
+    for provider, (ok, worst) in worst_errors.items():
+        detail = f"max scaled error {worst:.3g}"
+        if relative and not ok:
+            bound = LOW_PRECISION_FACTOR * reference[1]
+            ok = provider == "reference" or worst <= bound
+            detail += f" (reference {reference[1]:.3g}; bound {bound:.3g})"
+        checks[provider] = (ok, detail)
+    return checks
+
+
 def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, repeats: int, with_compile: bool = True,
               progress: Callable[[str], None] = lambda s: None) -> list[Result]:
     """Check each provider of each case once against fp64, then time all providers of a case
@@ -337,11 +359,11 @@ def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, re
         shape, device = str(case.shape), case.device
         dtype_name = str(case.dtype).removeprefix("torch.")
         providers = case.providers(backends, with_compile)
-        checks = {}
+        worst_errors = {}
         for provider, fn in providers.items():
             progress(f"{op} {shape}: checking {provider}")
-            ok, worst = case.check(provider, fn)
-            checks[provider] = (ok, f"max scaled error {worst:.3g}")
+            worst_errors[provider] = case.check(provider, fn)
+        checks = _judge_checks(worst_errors, case.dtype)
         tokens = getattr(case, "tokens", None)
         for mode in MODES:
             progress(f"{op} {shape}: timing {mode}")
