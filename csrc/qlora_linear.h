@@ -37,9 +37,10 @@ struct QloraBaseKernels {
   void (*forward)(const at::Tensor& x, const Nf4Weight& w, at::Tensor& out);
   // dx [M, K] += grad_out [M, N] Ŵ
   void (*backward)(const at::Tensor& grad_out, const Nf4Weight& w, at::Tensor& dx);
-  // The dtype a call in dtype t computes in (the CPU takes bf16 to fp32: its bf16 GEMM is slow
-  // without AVX-512 BF16), rounding the results to t once at the end.
-  at::ScalarType (*accumulate)(at::ScalarType t);
+  // The dtype a call in dtype t over `rows` rows of x computes in (the CPU takes bf16 to fp32
+  // unless it has AVX-512 BF16 and rows is large: see csrc/cpu/qlora_linear.cpp), rounding the
+  // results to t once at the end.
+  at::ScalarType (*accumulate)(at::ScalarType t, int64_t rows);
 };
 
 // The weight of packed, absmax, code, checked against [rows, cols] and blocksize, on `device`,
@@ -117,7 +118,7 @@ inline std::tuple<at::Tensor, at::Tensor> qlora_linear_fwd_gemms(
   const Nf4Weight w = check_nf4_weight(packed, absmax, code, blocksize, out_features, x_in.size(1),
                                        x_in.scalar_type(), x_in.device());
   const at::ScalarType dtype = x_in.scalar_type();
-  const at::ScalarType acc = base.accumulate(dtype);
+  const at::ScalarType acc = base.accumulate(dtype, x_in.size(0));
   const std::optional<at::Tensor> bias_acc =
       bias.has_value() ? std::optional<at::Tensor>(bias->to(acc)) : std::nullopt;
   auto [out, xa] = lora_linear_fwd_gemms(detail::to_acc(x_in, acc), out_features, bias_acc,
@@ -142,7 +143,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_linear_bwd_gemms(
   const Nf4Weight w = check_nf4_weight(packed, absmax, code, blocksize, grad_out.size(1), x_in.size(1),
                                        x_in.scalar_type(), x_in.device());
   const at::ScalarType dtype = x_in.scalar_type();
-  const at::ScalarType acc = base.accumulate(dtype);
+  const at::ScalarType acc = base.accumulate(dtype, x_in.size(0));
   auto [dx, dA, dB] = lora_linear_bwd_gemms(
       detail::to_acc(grad_out, acc), detail::to_acc(x_in, acc), detail::to_acc(lora_A, acc),
       detail::to_acc(lora_B, acc), detail::to_acc(xa, acc), scaling, dropout_p, seed,

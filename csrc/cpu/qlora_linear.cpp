@@ -31,9 +31,11 @@
 // on this machine MKL's M = 16 GEMM runs at ~40 GFLOP/s, compute-bound rather than bound by
 // reading the 4 MiB weight, so the smaller packed weight cannot pay for itself there.
 //
-// bf16 computes in fp32 (QloraBaseKernels::accumulate): the tile holds the bf16-rounded values in
-// fp32, exactly, and MKL's sgemm runs. torch's own bf16 GEMM on this AVX2 machine (no AVX-512
-// BF16) took 0.56 s for F.linear at M = 2048, K = N = 1024 against 37 ms in fp32. fp64
+// bf16 computes in fp32 (QloraBaseKernels::accumulate) where the CPU lacks AVX-512 BF16, or for
+// fewer than kSharedTileMinRows rows: the tile holds the bf16-rounded values in fp32, exactly,
+// and MKL's sgemm runs. torch's own bf16 GEMM on an AVX2 machine (no AVX-512 BF16) took 0.56 s
+// for F.linear at M = 2048, K = N = 1024 against 37 ms in fp32. With AVX-512 BF16 the GEMMs run
+// in bf16 (base_forward_bf16). fp64
 // (gradcheck) runs dgemm on fp64 tiles.
 //
 // Dequantisation: per absmax block a 16-entry table lut[j] = code[j] * absmax[block] (the fp32
@@ -83,6 +85,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -616,10 +619,67 @@ void base_backward_impl(const at::Tensor& grad_out, const Nf4Weight& weight, at:
   });
 }
 
-// The GEMMs run on fp32 tiles for fp32 and bf16, fp64 tiles for fp64.
-at::ScalarType accumulate_dtype(at::ScalarType dtype) {
+// bf16 in bf16, on CPUs with AVX-512 BF16 and from kSharedTileMinRows rows (accumulate_dtype):
+// there oneDNN's bf16 GEMM runs at about twice the fp32 rate (the e2e model's frozen step took
+// 256 ms in bf16 against 431 in fp32), and the fp32 route left the op slower than bitsandbytes'
+// dequantise-and-matmul (60.7 against 49.4 ms for the step at M=2048, 1024², r=16, p=0.1). Each
+// GEMM reduces over its whole reduction dimension in one call, so the output is rounded to bf16
+// once, as by the dense bf16 GEMM: the forward's tiles are whole rows of Ŵ, the backward's whole
+// columns. A tile is decoded into an fp32 staging buffer (the values rounded to bf16 there, so
+// that the narrowing to bf16 is exact), then narrowed.
+bool has_avx512_bf16() {
+  static const bool bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return bf16;
+}
+
+// tile [rows, cols] (contiguous, bf16) = Ŵ[n0 : n0 + rows, k0 : k0 + cols] rounded to bf16.
+void dequantize_tile_bf16(const Nf4Raw& w, int64_t n0, int64_t rows, int64_t k0, int64_t cols, float* staging,
+                          c10::BFloat16* tile) {
+  dequantize_tile(w, at::kBFloat16, n0, rows, k0, cols, staging);
+  at::parallel_for(0, rows * cols, kDequantizeGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, staging + i, sizeof(bits));
+      tile[i] = c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+    }
+  });
+}
+
+void base_forward_bf16(const at::Tensor& x, const Nf4Weight& weight, at::Tensor& out) {
+  const Nf4Raw w = raw(weight);
+  const int64_t N = w.rows, K = w.cols;
+  if (x.size(0) == 0 || N == 0 || K == 0) return;
+  const int64_t tile_rows = std::clamp<int64_t>(kTileElements / K, 1, N);
+  float* staging = thread_buffer<float>(tile_rows * K);
+  c10::BFloat16* tile = thread_buffer<c10::BFloat16>(tile_rows * K);
+  for_each_block(0, N, tile_rows, [&](int64_t n0, int64_t tn) {
+    dequantize_tile_bf16(w, n0, tn, 0, K, staging, tile);
+    out.narrow(1, n0, tn).addmm_(x, block_view(tile, tn, K, K).t());
+  });
+}
+
+void base_backward_bf16(const at::Tensor& grad_out, const Nf4Weight& weight, at::Tensor& dx) {
+  const Nf4Raw w = raw(weight);
+  const int64_t N = w.rows, K = w.cols;
+  if (grad_out.size(0) == 0 || N == 0 || K == 0) return;
+  const int64_t slab_cols = std::clamp<int64_t>(kTileElements / N, 1, K);
+  float* staging = thread_buffer<float>(N * slab_cols);
+  c10::BFloat16* tile = thread_buffer<c10::BFloat16>(N * slab_cols);
+  for_each_block(0, K, slab_cols, [&](int64_t k0, int64_t tk) {
+    dequantize_tile_bf16(w, 0, N, k0, tk, staging, tile);
+    dx.narrow(1, k0, tk).addmm_(grad_out, block_view(tile, N, tk, tk));
+  });
+}
+
+// The GEMMs run on fp32 tiles for fp32 and bf16 (bf16 tiles where has_avx512_bf16, from
+// kSharedTileMinRows rows), fp64 tiles for fp64.
+at::ScalarType accumulate_dtype(at::ScalarType dtype, int64_t rows) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble, kQloraOp,
               ": x must be float32, bfloat16 or float64 on CPU, got ", dtype);
+  if (dtype == at::kBFloat16 && rows >= kSharedTileMinRows && has_avx512_bf16()) return at::kBFloat16;
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
@@ -630,6 +690,8 @@ void check_cpu(const at::Tensor& t, const char* name) {
 void base_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& out) {
   if (x.scalar_type() == at::kDouble) {
     base_forward_impl<double>(x, w, out);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    base_forward_bf16(x, w, out);
   } else {
     base_forward_impl<float>(x, w, out);
   }
@@ -638,6 +700,8 @@ void base_forward(const at::Tensor& x, const Nf4Weight& w, at::Tensor& out) {
 void base_backward(const at::Tensor& grad_out, const Nf4Weight& w, at::Tensor& dx) {
   if (grad_out.scalar_type() == at::kDouble) {
     base_backward_impl<double>(grad_out, w, dx);
+  } else if (grad_out.scalar_type() == at::kBFloat16) {
+    base_backward_bf16(grad_out, w, dx);
   } else {
     base_backward_impl<float>(grad_out, w, dx);
   }

@@ -77,7 +77,7 @@ void base_backward(const at::Tensor& grad_out, const Nf4Weight& w, at::Tensor& d
 }
 
 // cuBLAS accumulates fp16 and bf16 in fp32 itself: every dtype computes in its own.
-at::ScalarType accumulate_dtype(at::ScalarType dtype) {
+at::ScalarType accumulate_dtype(at::ScalarType dtype, int64_t /*rows*/) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kQloraOp,
               ": x must be float32, float16 or bfloat16 on CUDA, got ", dtype);
   return dtype;
