@@ -40,6 +40,7 @@ Semantics (PEFT's prefix tuning)
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 
@@ -234,52 +235,53 @@ def _sequence_length(args, kwargs) -> int:
 
 def _shift_position_ids(encoder: PrefixEncoder, table: nn.Embedding | None):
     """Forward pre-hook on a decoder model (Llama/GPT-2): position_ids += P, defaulting to
-    ``arange(L) + cache length`` as the model does."""
+    ``arange(L) + cache length`` as the model does. A partial, not a closure: a prefixed model
+    pickles whole."""
+    return functools.partial(_shift_position_ids_hook, encoder, table)
 
-    def hook(module, args, kwargs):
-        shift = encoder.num_virtual_tokens
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            past = cache.get_seq_length() if cache is not None else 0
-            device = encoder.embedding.weight.device
-            position_ids = (torch.arange(_sequence_length(args, kwargs), device=device) + (past + shift)).unsqueeze(0)
-            highest = past + shift + position_ids.shape[1] - 1
-        else:
-            position_ids = position_ids + shift
-            highest = int(position_ids.max()) if table is not None else 0
-        if table is not None and highest >= table.num_embeddings:
-            raise ValueError(
-                f"deltakern.add_prefix: position {highest} (P={shift} virtual tokens + input and cache) is beyond the "
-                f"{table.num_embeddings} absolute positions of {type(module).__name__}"
-            )
-        kwargs["position_ids"] = position_ids
-        return args, kwargs
 
-    return hook
+def _shift_position_ids_hook(encoder: PrefixEncoder, table: nn.Embedding | None, module, args, kwargs):
+    shift = encoder.num_virtual_tokens
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        device = encoder.embedding.weight.device
+        position_ids = (torch.arange(_sequence_length(args, kwargs), device=device) + (past + shift)).unsqueeze(0)
+        highest = past + shift + position_ids.shape[1] - 1
+    else:
+        position_ids = position_ids + shift
+        highest = int(position_ids.max()) if table is not None else 0
+    if table is not None and highest >= table.num_embeddings:
+        raise ValueError(
+            f"deltakern.add_prefix: position {highest} (P={shift} virtual tokens + input and cache) is beyond the "
+            f"{table.num_embeddings} absolute positions of {type(module).__name__}"
+        )
+    kwargs["position_ids"] = position_ids
+    return args, kwargs
 
 
 def _shift_cache_length(encoder: PrefixEncoder):
     """Forward pre-hook on BERT/RoBERTa embeddings: they derive positions from ``cache_length``
     (RoBERTa also skips padding), exactly as PEFT's P cached entries make them do."""
+    return functools.partial(_shift_cache_length_hook, encoder)
 
-    def hook(module, args, kwargs):
-        shift = encoder.num_virtual_tokens
-        kwargs["cache_length"] = kwargs.get("cache_length", 0) + shift
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + shift
-        # RoBERTa numbers positions from padding_idx + 1; BERT from 0.
-        first = getattr(module, "padding_idx", -1) + 1
-        highest = first + kwargs["cache_length"] + _sequence_length(args, kwargs) - 1
-        table = module.position_embeddings
-        if highest >= table.num_embeddings:
-            raise ValueError(
-                f"deltakern.add_prefix: position {highest} (P={shift} virtual tokens + input) is beyond the "
-                f"{table.num_embeddings} absolute positions of {type(module).__name__}"
-            )
-        return args, kwargs
 
-    return hook
+def _shift_cache_length_hook(encoder: PrefixEncoder, module, args, kwargs):
+    shift = encoder.num_virtual_tokens
+    kwargs["cache_length"] = kwargs.get("cache_length", 0) + shift
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + shift
+    # RoBERTa numbers positions from padding_idx + 1; BERT from 0.
+    first = getattr(module, "padding_idx", -1) + 1
+    highest = first + kwargs["cache_length"] + _sequence_length(args, kwargs) - 1
+    table = module.position_embeddings
+    if highest >= table.num_embeddings:
+        raise ValueError(
+            f"deltakern.add_prefix: position {highest} (P={shift} virtual tokens + input) is beyond the "
+            f"{table.num_embeddings} absolute positions of {type(module).__name__}"
+        )
+    return args, kwargs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ How a prompted model runs
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -64,16 +65,18 @@ def _input_embeddings(model: nn.Module, caller: str) -> nn.Embedding:
 
 
 def _keyword_hook(model_forward, rewrite):
-    """A forward pre-hook (with kwargs) that names positional arguments, then calls ``rewrite(kwargs)``."""
-    names = [p.name for p in inspect.signature(model_forward).parameters.values()
-             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    """A forward pre-hook (with kwargs) that names positional arguments, then calls ``rewrite(kwargs)``.
+    Hooks here are partials of module functions, not closures, so that a prompted model pickles
+    whole (``torch.save(model)``, ``copy.deepcopy``)."""
+    names = tuple(p.name for p in inspect.signature(model_forward).parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    return functools.partial(_keyword_pre_hook, names, rewrite)
 
-    def hook(module, args, kwargs):
-        kwargs = {**dict(zip(names, args)), **kwargs}
-        rewrite(kwargs)
-        return (), kwargs
 
-    return hook
+def _keyword_pre_hook(names: tuple[str, ...], rewrite, module, args, kwargs):
+    kwargs = {**dict(zip(names, args)), **kwargs}
+    rewrite(kwargs)
+    return (), kwargs
 
 
 def _extend_mask(kwargs: dict, num_virtual_tokens: int, caller: str) -> None:
@@ -108,31 +111,37 @@ def _prepend(kwargs: dict, prompt: VirtualTokens, embeddings: nn.Embedding, toke
 
 def _single_stack_rewrite(prompt: VirtualTokens, embeddings: nn.Embedding, token_labels: bool, caller: str):
     """Decoder-only and encoder-only models: prompt on the first step, mask always."""
+    return functools.partial(_rewrite_single_stack, prompt, embeddings, token_labels, caller)
 
-    def rewrite(kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None or cache.get_seq_length() == 0:
-            _prepend(kwargs, prompt, embeddings, token_labels)
-        _extend_mask(kwargs, prompt.num_virtual_tokens, caller)
-        # The model numbers positions over [virtual; input] itself, as under PEFT (see the module docstring).
-        kwargs.pop("position_ids", None)
 
-    return rewrite
+def _rewrite_single_stack(prompt: VirtualTokens, embeddings: nn.Embedding, token_labels: bool, caller: str,
+                          kwargs: dict) -> None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None or cache.get_seq_length() == 0:
+        _prepend(kwargs, prompt, embeddings, token_labels)
+    _extend_mask(kwargs, prompt.num_virtual_tokens, caller)
+    # The model numbers positions over [virtual; input] itself, as under PEFT (see the module docstring).
+    kwargs.pop("position_ids", None)
 
 
 def _encoder_rewrite(prompt: VirtualTokens, embeddings: nn.Embedding, caller: str):
     """The encoder stack of an encoder-decoder model: always prompted. Its mask is already extended
     when the model's own hook ran first (length P + L) and not when generate() calls the encoder
     directly (length L)."""
+    return functools.partial(_rewrite_encoder, prompt, embeddings, caller)
 
-    def rewrite(kwargs):
-        source = kwargs.get("input_ids") if kwargs.get("inputs_embeds") is None else kwargs["inputs_embeds"]
-        mask = kwargs.get("attention_mask")
-        _prepend(kwargs, prompt, embeddings, token_labels=False)
-        if mask is not None and mask.shape[-1] == source.shape[1]:
-            _extend_mask(kwargs, prompt.num_virtual_tokens, caller)
 
-    return rewrite
+def _rewrite_encoder(prompt: VirtualTokens, embeddings: nn.Embedding, caller: str, kwargs: dict) -> None:
+    source = kwargs.get("input_ids") if kwargs.get("inputs_embeds") is None else kwargs["inputs_embeds"]
+    mask = kwargs.get("attention_mask")
+    _prepend(kwargs, prompt, embeddings, token_labels=False)
+    if mask is not None and mask.shape[-1] == source.shape[1]:
+        _extend_mask(kwargs, prompt.num_virtual_tokens, caller)
+
+
+def _extend_model_mask(prompt: VirtualTokens, caller: str, kwargs: dict) -> None:
+    """The encoder-decoder model's own hook: the mask it passes on covers [virtual; input]."""
+    _extend_mask(kwargs, prompt.num_virtual_tokens, caller)
 
 
 def _check_count(name: str, value, caller: str) -> None:
@@ -186,7 +195,7 @@ def install_prompt(model: nn.Module, make_prompt: Callable[[int, int], VirtualTo
         stack.register_forward_pre_hook(_keyword_hook(stack.forward, _encoder_rewrite(prompt, embeddings, caller)),
                                         with_kwargs=True)
         model.register_forward_pre_hook(
-            _keyword_hook(model.forward, lambda kwargs: _extend_mask(kwargs, prompt.num_virtual_tokens, caller)),
+            _keyword_hook(model.forward, functools.partial(_extend_model_mask, prompt, caller)),
             with_kwargs=True)
     else:
         rewrite = _single_stack_rewrite(prompt, embeddings, name.endswith(_TOKEN_LABELS), caller)

@@ -341,3 +341,17 @@ def test_classifier_prefix_checkpoint_holds_the_head_and_a_wrong_head_is_a_clear
     with pytest.raises(ValueError, match=r"'base_model.classifier.weight' has shape \(2, 32\), the model's \(3, 32\)"):
         deltakern.load(fresh, tmp_path / "ckpt")
     assert not prefix_method.has_prefix(fresh)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_a_prefixed_model_pickles_whole(tmp_path, family):
+    """torch.save of the whole model works (the position hooks are partials, not closures); the
+    loaded model's hooks and attention read its own prefix."""
+    model = deltakern.add_prefix(build(family), P).eval()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    batch = models.inputs(family)
+    assert torch.equal(output(loaded(**batch)), output(model(**batch)))
+    with torch.no_grad():
+        loaded.deltakern_prefix.embedding.weight.normal_(generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(output(loaded(**batch)), output(model(**batch)))

@@ -267,3 +267,18 @@ def test_bad_input():
         deltakern.add_prompt(model, P)
     with pytest.raises(ValueError, match="fold_prompt_encoder: the prompt of LlamaForCausalLM has no prompt encoder"):
         deltakern.fold_prompt_encoder(model)
+
+
+@pytest.mark.parametrize("family,encoder", [("llama", None), ("llama", "mlp"), ("bert", None), ("t5", None)])
+def test_a_prompted_model_pickles_whole(tmp_path, family, encoder):
+    """torch.save of the whole model works (the hooks are partials, not closures); the loaded
+    model's hooks read its own prompt, not the saved model's."""
+    model = deltakern.add_prompt(build(family), P, encoder=encoder).eval()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    batch = batch_with_labels(family)
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+    with torch.no_grad():
+        for parameter in loaded.deltakern_prompt.parameters():  # not a uniform shift: LayerNorm drops that
+            parameter.normal_(generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(loaded(**batch).logits, model(**batch).logits)
