@@ -5,6 +5,7 @@ import io
 import json
 import sys
 import types
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -351,3 +352,23 @@ def test_quantiles_and_saved_bytes():
 def test_e2e_size_large_needs_the_e2e_suite_at_its_full_size(tmp_path, capsys, argv, message):
     assert main(["bench", *argv, "--e2e-size", "large", "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+class _OneAtATimeCase(_FakeE2ECase):
+    """Fails when built while another of its kind is still alive."""
+
+    alive = weakref.WeakSet()
+
+    def __init__(self, shape, dtype, device):
+        assert not list(self.alive), "a case was built while the previous one was still referenced"
+        super().__init__(shape, dtype, device)
+        self.alive.add(self)
+
+
+def test_bench_builds_each_case_after_dropping_the_previous_one(tmp_path, fake_e2e):
+    """The large e2e suite held all its cases (three models each) and ran out of memory: the CLI
+    builds a case only once the previous one is gone."""
+    fake_e2e.SUITE = harness.BenchSuite("e2e", _FakeE2EShape, fake_e2e.SUITE.default_shapes,
+                                        fake_e2e.SUITE.quick_shapes, _OneAtATimeCase)
+    assert main(["bench", "--ops", "e2e", "--quick", "--out", str(tmp_path)]) == 0
+    assert {r["shape"] for r in _csv(tmp_path / "e2e.csv")} == {"lora,seq=8", "adapter,seq=16"}

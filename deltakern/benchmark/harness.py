@@ -339,6 +339,41 @@ def _judge_checks(worst_errors: dict[str, tuple[bool, float]], dtype: torch.dtyp
     return checks
 
 
+def _run_case(op: str, case, backends: list[str], warmup: int, repeats: int, with_compile: bool,
+              progress: Callable[[str], None]) -> list[Result]:
+    """run_cases for one case."""
+    results: list[Result] = []
+    shape, device = str(case.shape), case.device
+    dtype_name = str(case.dtype).removeprefix("torch.")
+    providers = case.providers(backends, with_compile)
+    worst_errors = {}
+    for provider, fn in providers.items():
+        progress(f"{op} {shape}: checking {provider}")
+        worst_errors[provider] = case.check(provider, fn)
+    checks = _judge_checks(worst_errors, case.dtype)
+    tokens = getattr(case, "tokens", None)
+    for mode in MODES:
+        progress(f"{op} {shape}: timing {mode}")
+        timings = time_interleaved({p: case.run_mode(p, fn, mode) for p, fn in providers.items()},
+                                   warmup=getattr(case, "warmup", warmup), repeats=getattr(case, "repeats", repeats),
+                                   device=device)
+        for provider, (p20, p50, p80) in timings.items():
+            results.append(Result(Row(op, provider, mode, shape, dtype_name, device, "ms", p20, p50, p80), *checks[provider]))
+            if tokens and mode == "full":
+                rates = [tokens / (ms / 1e3) for ms in (p80, p50, p20)]
+                results.append(Result(Row(op, provider, mode, shape, dtype_name, device, "tokens_per_s", *rates), *checks[provider]))
+    for provider, fn in providers.items():
+        progress(f"{op} {shape}: memory of {provider}")
+        step, _ = case.run_mode(provider, fn, "full")
+        metrics = [("saved_MB", case.saved_bytes(fn)), ("peak_MB", peak_bytes(step, device))]
+        if hasattr(case, "weight_bytes"):
+            metrics.append(("weight_MB", case.weight_bytes(provider)))
+        for metric, nbytes in metrics:
+            mb = nbytes / 2**20
+            results.append(Result(Row(op, provider, "full", shape, dtype_name, device, metric, mb, mb, mb), *checks[provider]))
+    return results
+
+
 def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, repeats: int, with_compile: bool = True,
               progress: Callable[[str], None] = lambda s: None) -> list[Result]:
     """Check each provider of each case once against fp64, then time all providers of a case
@@ -351,39 +386,14 @@ def run_cases(op: str, cases: Iterable, backends: Iterable[str], warmup: int, re
     row, for cases whose providers store the weight differently),
     ``warmup`` and ``repeats`` (replacing the arguments for that case: a training step of the
     end-to-end suite takes seconds) and ``tokens`` (tokens per step: adds a ``tokens_per_s`` row
-    for the full step, its p20 from the p80 time and so on).
+    for the full step, its p20 from the p80 time and so on). Cases may come from a generator: each
+    is dropped before the next one is built.
     """
     results: list[Result] = []
     backends = list(backends)
     for case in cases:
-        shape, device = str(case.shape), case.device
-        dtype_name = str(case.dtype).removeprefix("torch.")
-        providers = case.providers(backends, with_compile)
-        worst_errors = {}
-        for provider, fn in providers.items():
-            progress(f"{op} {shape}: checking {provider}")
-            worst_errors[provider] = case.check(provider, fn)
-        checks = _judge_checks(worst_errors, case.dtype)
-        tokens = getattr(case, "tokens", None)
-        for mode in MODES:
-            progress(f"{op} {shape}: timing {mode}")
-            timings = time_interleaved({p: case.run_mode(p, fn, mode) for p, fn in providers.items()},
-                                       warmup=getattr(case, "warmup", warmup), repeats=getattr(case, "repeats", repeats),
-                                       device=device)
-            for provider, (p20, p50, p80) in timings.items():
-                results.append(Result(Row(op, provider, mode, shape, dtype_name, device, "ms", p20, p50, p80), *checks[provider]))
-                if tokens and mode == "full":
-                    rates = [tokens / (ms / 1e3) for ms in (p80, p50, p20)]
-                    results.append(Result(Row(op, provider, mode, shape, dtype_name, device, "tokens_per_s", *rates), *checks[provider]))
-        for provider, fn in providers.items():
-            progress(f"{op} {shape}: memory of {provider}")
-            step, _ = case.run_mode(provider, fn, "full")
-            metrics = [("saved_MB", case.saved_bytes(fn)), ("peak_MB", peak_bytes(step, device))]
-            if hasattr(case, "weight_bytes"):
-                metrics.append(("weight_MB", case.weight_bytes(provider)))
-            for metric, nbytes in metrics:
-                mb = nbytes / 2**20
-                results.append(Result(Row(op, provider, "full", shape, dtype_name, device, metric, mb, mb, mb), *checks[provider]))
+        results += _run_case(op, case, backends, warmup, repeats, with_compile, progress)
+        del case  # the loop's next() builds the next case: hold no reference to this one then
     return results
 
 
