@@ -345,6 +345,31 @@ def test_quantiles_and_saved_bytes():
     assert harness.saved_tensors_bytes(drops_a_graph) == x.nbytes
 
 
+def test_saved_bytes_frees_a_graph_that_saves_its_own_output():
+    import weakref
+
+    import torch
+
+    x = torch.randn(64, 32, requires_grad=True)
+    outputs = []
+
+    def exp():
+        outputs.append(weakref.ref(y := x.exp()))  # exp saves its result, which refers to its grad_fn
+        return y
+
+    assert harness.saved_tensors_bytes(exp) == x.nbytes
+    # Holding the saved output from the graph closed a cycle through C++ that gc never freed.
+    assert outputs[0]() is None
+
+    def keep():
+        outputs.append(x.exp())
+        return outputs[-1]
+
+    harness.saved_tensors_bytes(keep)
+    with pytest.raises(RuntimeError, match="for counting only"):
+        outputs[-1].sum().backward()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ops", "e2e", "--quick"], "leave out --quick"),
     (["--ops", "adapter"], "add e2e to --ops"),

@@ -147,36 +147,42 @@ def backward_modes(forward: Callable[[], torch.Tensor], params: list[torch.Tenso
 
 
 class _Saved:
-    """What the pack hook hands autograd for one saved tensor: freed with the graph that holds it."""
+    """What the pack hook hands autograd for one saved tensor: a token freed with the graph that
+    holds it. It holds no tensor: a saved output (``exp``, ``tanh``, a custom op's result) refers to
+    its own ``grad_fn``, and a token holding it would close a cycle through the C++ graph that
+    Python's collector cannot see (each e2e count leaked about 1 GiB at the default size)."""
 
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("__weakref__",)
 
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
+    @staticmethod
+    def unpack(_token) -> torch.Tensor:
+        raise RuntimeError("saved_tensors_bytes: the graph it counts is for counting only; it cannot run backward")
 
 
 def saved_tensors_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of the unique storages autograd holds for backward once ``fn()`` has returned (its
-    result kept alive), minus those of ``exclude``.
+    result kept alive), minus those of ``exclude``. The graph ``fn`` builds is counted, never run:
+    its backward raises ``RuntimeError``.
 
-    Storages are keyed by data pointer, so a view of the caller's tensor counts as that tensor.
+    Storages are keyed by data pointer, so a view of the caller's tensor counts as that tensor; they
+    are kept alive until the count is made, so no pointer is reused for another tensor meanwhile.
     ``exclude`` takes tensors kept by reference anyway (frozen weights). A tensor saved by a graph
     that ``fn`` builds and drops before returning (PEFT's DoRA forms ``B A`` through an identity
     matrix that way: 4 MiB at in = 1024) is not counted: it is not kept for backward.
     """
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    saved: list[tuple[int, int, weakref.ref]] = []
+    saved: list[tuple[torch.UntypedStorage, weakref.ref]] = []
 
     def pack(t: torch.Tensor):
-        holder = _Saved(t)
+        token = _Saved()
         storage = t.untyped_storage()
         if storage.data_ptr() not in excluded:
-            saved.append((storage.data_ptr(), storage.nbytes(), weakref.ref(holder)))
-        return holder
+            saved.append((storage, weakref.ref(token)))
+        return token
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, _Saved.unpack):
         result = fn()
-    storages = {ptr: nbytes for ptr, nbytes, ref in saved if ref() is not None}
+    storages = {storage.data_ptr(): storage.nbytes() for storage, ref in saved if ref() is not None}
     del result
     return sum(storages.values())
 
