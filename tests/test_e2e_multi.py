@@ -54,6 +54,16 @@ def test_check_fails_when_an_adapter_differs(case):
     assert not ok
 
 
+def test_each_provider_steps_its_own_parameters_when_providers_are_rebuilt(case):
+    """providers() builds new provider objects each call; a dropped one's id may come back for
+    another provider, whose optimizer must still train its own parameters."""
+    for _ in range(20):
+        for fn in case.providers(["cpu"]).values():
+            optimizer = case._optimizer(fn)
+            trained = [id(p) for group in optimizer.param_groups for p in group["params"]]
+            assert trained == [id(p) for p in fn.params]
+
+
 @pytest.mark.parametrize("provider", ["reference", "deltakern-cpu"])
 def test_a_training_step_moves_every_adapter(case, provider):
     """One timed step of the mixed batch (or PEFT's n steps) updates all n adapters."""

@@ -161,7 +161,10 @@ class MultiAdapterCase:
         self.ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g).to(device)
         self.names = [self.adapters[j % shape.adapters] for j in range(shape.batch)]
         self.rows = {name: [j for j, n in enumerate(self.names) if n == name] for name in self.adapters}
-        self._optimizers: dict[int, torch.optim.Optimizer] = {}
+        # Keyed by the ids of the parameters trained, which live as long as the case: a provider
+        # object is rebuilt by each providers() call, and a dropped one's id can come back for
+        # another provider (which then stepped the first one's parameters).
+        self._optimizers: dict[tuple[int, ...], torch.optim.Optimizer] = {}
         self._expected: dict[str, dict[str, torch.Tensor]] = {}
 
     def _pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
@@ -222,9 +225,10 @@ class MultiAdapterCase:
         return found
 
     def _optimizer(self, fn: _Provider) -> torch.optim.Optimizer:
-        if id(fn) not in self._optimizers:
-            self._optimizers[id(fn)] = torch.optim.AdamW(fn.params, lr=LEARNING_RATE)
-        return self._optimizers[id(fn)]
+        key = tuple(id(p) for p in fn.params)
+        if key not in self._optimizers:
+            self._optimizers[key] = torch.optim.AdamW(fn.params, lr=LEARNING_RATE)
+        return self._optimizers[key]
 
     # -- checks -----------------------------------------------------------------------------
 
