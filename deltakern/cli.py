@@ -230,7 +230,7 @@ def _bench(args) -> int:
                                           with_compile=not args.no_compile, progress=bar)
             _print_table(results)
             path = os.path.join(args.out, f"{suite.name}.csv")
-            harness.write_csv((r.row for r in results), path)
+            harness.write_csv((r.row for r in results + harness.ratio_results(results)), path)
             csv_paths.append(path)
             print(f"wrote {path}\n", flush=True)
             everything += results

@@ -34,9 +34,10 @@ def _unique(values) -> list:
 
 
 def _grouped_bars(ax, groups: list[str], providers: list[str], colors: dict[str, str], value, spread=None,
-                  labels: list[str] | None = None) -> None:
+                  labels: list[str] | None = None, note=None) -> None:
     """Bars of ``value(group, provider)`` (None leaves a gap) grouped by ``groups`` (shown as
-    ``labels``), one bar per provider; ``spread(group, provider)`` gives (low, high) error bars."""
+    ``labels``), one bar per provider; ``spread(group, provider)`` gives (low, high) error bars and
+    ``note(group, provider)`` a text written above the bar (None for none)."""
     width = 0.8 / len(providers)
     for j, provider in enumerate(providers):
         xs, heights, errors = [], [], [[], []]
@@ -50,6 +51,10 @@ def _grouped_bars(ax, groups: list[str], providers: list[str], colors: dict[str,
                 low, high = spread(group, provider)
                 errors[0].append(v - low)
                 errors[1].append(high - v)
+            text = note(group, provider) if note is not None else None
+            if text is not None:
+                top = spread(group, provider)[1] if spread is not None else v
+                ax.text(xs[-1], top, text, ha="center", va="bottom", fontsize=6, rotation=90)
         ax.bar(xs, heights, width, color=colors[provider], label=provider,
                yerr=errors if spread is not None and xs else None, capsize=2)
     ax.set_xticks(range(len(groups)), labels or groups)
@@ -57,9 +62,12 @@ def _grouped_bars(ax, groups: list[str], providers: list[str], colors: dict[str,
 
 def plot_times(csv_path: str, png_path: str, colors: dict[str, str] | None = None) -> str:
     """One chart of an op's CSV: a panel per shape, bars of the median ms per mode and provider,
-    p20-p80 error bars. Returns ``png_path``."""
+    p20-p80 error bars; where the CSV has ``ratio_to_floor`` rows (e2e), each full-step bar is
+    labelled with its ratio to the case's floor. Returns ``png_path``."""
     plt = _pyplot()
-    rows = [r for r in read_csv(csv_path) if r["metric"] == "ms"]
+    everything = read_csv(csv_path)
+    rows = [r for r in everything if r["metric"] == "ms"]
+    to_floor = {(r["shape"], r["provider"]): r["p50"] for r in everything if r["metric"] == "ratio_to_floor"}
     if not rows:
         raise ValueError(f"{csv_path}: no timing rows (metric 'ms') to plot")
     op = rows[0]["op"]
@@ -77,8 +85,12 @@ def plot_times(csv_path: str, png_path: str, colors: dict[str, str] | None = Non
             row = by_key[(shape, mode, provider)]
             return row["p20"], row["p80"]
 
+        def note(mode, provider, shape=shape):
+            ratio = to_floor.get((shape, provider)) if mode == "full" else None
+            return f"{ratio:.2f}x floor" if ratio is not None else None
+
         _grouped_bars(ax, list(MODES), [p for p in providers if any((shape, m, p) in by_key for m in MODES)],
-                      colors, value, spread)
+                      colors, value, spread, note=note)
         ax.set_title(shape, fontsize=8)
         ax.set_ylabel("median ms (p20-p80)")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}

@@ -220,6 +220,10 @@ def test_bench_e2e_reports_tokens_per_second(tmp_path, capsys, fake_e2e):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {(e["shape"], e["provider"]): e["tokens_per_s"] for e in summary["results"]} == pytest.approx(
         {key: float(rate["p50"]) for key, rate in rates.items()})
+    # The CSV carries the full step's ratios the summary reports (this fake case has no floor).
+    ratios = {(r["shape"], r["provider"]): float(r["p50"]) for r in rows if r["metric"] == "ratio_to_reference"}
+    assert ratios == pytest.approx({(e["shape"], e["provider"]): e["ratio_to_reference"] for e in summary["results"]})
+    assert not any(r["metric"] == "ratio_to_floor" for r in rows)
     assert (tmp_path / "e2e_time.png").read_bytes()[:8] == PNG_MAGIC
 
 

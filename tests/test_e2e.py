@@ -87,6 +87,38 @@ def test_summary_ratio_to_floor():
     assert entries["floor"]["ratio_to_floor"] == 1.0
 
 
+def _floor_run_rows():
+    return [harness.Result(harness.Row("e2e", provider, "full", "s", "float32", "cpu", "ms", ms - 5, ms, ms + 5))
+            for provider, ms in (("floor", 100.0), ("reference", 150.0), ("deltakern-cpu", 110.0))]
+
+
+def test_the_csv_has_the_full_steps_ratios_and_the_chart_labels_them(tmp_path, monkeypatch):
+    results = _floor_run_rows()
+    ratios = harness.ratio_results(results)
+    found = {(r.row.provider, r.row.metric): r.row.p50 for r in ratios}
+    assert found == pytest.approx({
+        ("floor", "ratio_to_floor"): 1.0, ("floor", "ratio_to_reference"): 100 / 150,
+        ("reference", "ratio_to_floor"): 1.5, ("reference", "ratio_to_reference"): 1.0,
+        ("deltakern-cpu", "ratio_to_floor"): 1.1, ("deltakern-cpu", "ratio_to_reference"): 110 / 150})
+    assert all(r.row.mode == "full" and r.row.p20 == r.row.p50 == r.row.p80 for r in ratios)
+    # The summary reads the same ratios from the timing rows.
+    entries = {e["provider"]: e for e in harness.summarize(results)}
+    for (provider, metric), ratio in found.items():
+        assert entries[provider][metric] == pytest.approx(ratio)
+    # A case whose first provider is the reference has no floor: no ratio_to_floor rows.
+    assert {r.row.metric for r in harness.ratio_results(results[1:])} == {"ratio_to_reference"}
+
+    from deltakern import plots
+
+    path = str(tmp_path / "e2e.csv")
+    harness.write_csv([r.row for r in results + ratios], path)
+    drawn = []
+    monkeypatch.setattr("matplotlib.pyplot.close", drawn.append)
+    plots.plot_times(path, str(tmp_path / "e2e_time.png"))
+    labels = sorted(text.get_text() for ax in drawn[0].axes for text in ax.texts)
+    assert labels == ["1.00x floor", "1.10x floor", "1.50x floor"]
+
+
 @pytest.mark.parametrize("method", list(methods()))
 def test_check_fails_when_the_models_differ(method):
     case = e2e.E2ECase(SHAPES[method], torch.float32, "cpu")

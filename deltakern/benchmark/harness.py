@@ -290,10 +290,44 @@ def versions() -> dict:
     return found
 
 
+def _full_step_ratios(results: list[Result]) -> dict[tuple[str, str, str], tuple[float | None, float | None]]:
+    """(op, shape, provider) -> the full step's median over ``reference``'s and over the case's
+    floor's (its first provider, where that is not the reference); None where there is none."""
+    full = {(r.row.op, r.row.shape, r.row.provider): r.row.p50 for r in results
+            if r.row.metric == "ms" and r.row.mode == "full"}
+    floors: dict[tuple[str, str], str] = {}
+    for op, shape, provider in full:
+        floors.setdefault((op, shape), provider)
+    ratios = {}
+    for (op, shape, provider), ms in full.items():
+        reference = full.get((op, shape, "reference"))
+        floor = floors[(op, shape)]
+        ratios[(op, shape, provider)] = (ms / reference if reference else None,
+                                         ms / full[(op, shape, floor)] if floor != "reference" else None)
+    return ratios
+
+
+def ratio_results(results: Iterable[Result]) -> list[Result]:
+    """The full step's ratios as result rows for the CSV: metric ``ratio_to_reference`` and, where
+    the case has a floor provider, ``ratio_to_floor`` (the ratio of medians in p20, p50 and p80
+    alike, as the memory rows repeat their one figure)."""
+    results = list(results)
+    rows = {(r.row.op, r.row.shape, r.row.provider): r for r in results if r.row.metric == "ms" and r.row.mode == "full"}
+    found = []
+    for key, ratios in _full_step_ratios(results).items():
+        timed = rows[key]
+        for metric, ratio in zip(("ratio_to_reference", "ratio_to_floor"), ratios):
+            if ratio is not None:
+                row = dataclasses.replace(timed.row, metric=metric, p20=ratio, p50=ratio, p80=ratio)
+                found.append(Result(row, timed.ok, timed.detail))
+    return found
+
+
 def summarize(results: Iterable[Result]) -> list[dict]:
     """One entry per (op, shape, provider) in run order: median ms of each mode, the full step's
     ratio to ``reference`` and to the case's floor (its first provider, where that is not the
     reference; else None), saved and peak MB, tokens/s where the op has it, and the check."""
+    results = list(results)
     entries: dict[tuple[str, str, str], dict] = {}
     for r in results:
         row = r.row
@@ -302,14 +336,8 @@ def summarize(results: Iterable[Result]) -> list[dict]:
             "check": "ok" if r.ok else "FAIL", "detail": r.detail, "tokens_per_s": None})
         key = f"{row.mode}_ms" if row.metric == "ms" else row.metric
         entry[key] = row.p50
-    baselines: dict[tuple[str, str], dict] = {}
-    for (op, shape, _), entry in entries.items():
-        baselines.setdefault((op, shape), entry)  # the case's first provider
-    for (op, shape, provider), entry in entries.items():
-        reference = entries.get((op, shape, "reference"))
-        entry["ratio_to_reference"] = entry["full_ms"] / reference["full_ms"] if reference else None
-        floor = baselines[(op, shape)]
-        entry["ratio_to_floor"] = entry["full_ms"] / floor["full_ms"] if floor["provider"] != "reference" else None
+    for key, (to_reference, to_floor) in _full_step_ratios(results).items():
+        entries[key]["ratio_to_reference"], entries[key]["ratio_to_floor"] = to_reference, to_floor
     return list(entries.values())
 
 
