@@ -244,7 +244,7 @@ def _bench(args) -> int:
     summary = {
         "machine": harness.machine(),
         "versions": harness.versions(),
-        "git_sha": harness.git_sha(),
+        "git_sha": harness.RUN_GIT_SHA,
         "args": {k: v for k, v in vars(args).items() if k not in ("command", "run")},
         "backends": backends,
         "warmup": warmup,

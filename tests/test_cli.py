@@ -95,7 +95,7 @@ def test_bench_writes_summary_and_plots_that_agree_with_the_csv(tmp_path, capsys
     assert summary["machine"]["cores"] >= 1 and summary["machine"]["cpu"]
     assert summary["versions"]["torch"] == torch.__version__
     assert summary["args"]["ops"] == "adapter" and summary["args"]["quick"] is True
-    assert summary["git_sha"] == harness.git_sha()
+    assert summary["git_sha"] == harness.RUN_GIT_SHA == harness.git_sha()
     assert (summary["warmup"], summary["repeats"], summary["failed"]) == (1, 3, 0)
     rows = _csv(tmp_path / "adapter.csv")
     medians = {(r["provider"], r["mode"], r["metric"]): float(r["p50"]) for r in rows}
