@@ -142,20 +142,14 @@ def task_head_checkpoint(model: nn.Module, task: str | None) -> tuple[list[str] 
 def load_base_model_tensors(model: nn.Module, state: dict[str, torch.Tensor], caller: str) -> None:
     """Copy each ``base_model.<name>`` tensor of a PEFT checkpoint (a saved task head) into the
     model's parameter ``<name>``; one the model lacks, or of another shape, raises a ValueError
-    before anything is copied."""
+    before anything is copied (:func:`load_checked`)."""
     targets = {}
-    for key, value in state.items():
-        name = key.removeprefix("base_model.")
+    for key in state:
         try:
-            targets[key] = model.get_parameter(name)
+            targets[key] = model.get_parameter(key.removeprefix("base_model."))
         except AttributeError:
             raise ValueError(f"{caller}: the checkpoint holds {key!r}, which {type(model).__name__} has no parameter for") from None
-        if tuple(targets[key].shape) != tuple(value.shape):
-            raise ValueError(f"{caller}: the checkpoint's {key!r} has shape {tuple(value.shape)}, the model's "
-                             f"{tuple(targets[key].shape)}")
-    with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(state[key])
+    load_checked(caller, "task head", targets, state)
 
 
 def peft_config_fields(model: nn.Module, peft_type: str, task_type: str | None) -> dict:
