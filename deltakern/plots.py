@@ -37,7 +37,7 @@ def _grouped_bars(ax, groups: list[str], providers: list[str], colors: dict[str,
                   labels: list[str] | None = None, note=None) -> None:
     """Bars of ``value(group, provider)`` (None leaves a gap) grouped by ``groups`` (shown as
     ``labels``), one bar per provider; ``spread(group, provider)`` gives (low, high) error bars and
-    ``note(group, provider)`` a text written above the bar (None for none)."""
+    ``note(group, provider)`` a text written inside the bar (None for none)."""
     width = 0.8 / len(providers)
     for j, provider in enumerate(providers):
         xs, heights, errors = [], [], [[], []]
@@ -52,9 +52,8 @@ def _grouped_bars(ax, groups: list[str], providers: list[str], colors: dict[str,
                 errors[0].append(v - low)
                 errors[1].append(high - v)
             text = note(group, provider) if note is not None else None
-            if text is not None:
-                top = spread(group, provider)[1] if spread is not None else v
-                ax.text(xs[-1], top, text, ha="center", va="bottom", fontsize=6, rotation=90)
+            if text is not None:  # inside the bar: above it the text ran into the panel's title
+                ax.text(xs[-1], v / 2, text, ha="center", va="center", fontsize=7, rotation=90)
         ax.bar(xs, heights, width, color=colors[provider], label=provider,
                yerr=errors if spread is not None and xs else None, capsize=2)
     ax.set_xticks(range(len(groups)), labels or groups)
