@@ -233,14 +233,10 @@ def _sequence_length(args, kwargs) -> int:
     return kwargs["inputs_embeds"].shape[1]
 
 
-def _shift_position_ids(encoder: PrefixEncoder, table: nn.Embedding | None):
-    """Forward pre-hook on a decoder model (Llama/GPT-2): position_ids += P, defaulting to
-    ``arange(L) + cache length`` as the model does. A partial, not a closure: a prefixed model
-    pickles whole."""
-    return functools.partial(_shift_position_ids_hook, encoder, table)
-
-
 def _shift_position_ids_hook(encoder: PrefixEncoder, table: nn.Embedding | None, module, args, kwargs):
+    """Forward pre-hook on a decoder model (Llama/GPT-2), bound with functools.partial (not a
+    closure: a prefixed model pickles whole): position_ids += P, defaulting to ``arange(L) + cache
+    length`` as the model does."""
     shift = encoder.num_virtual_tokens
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
@@ -261,13 +257,10 @@ def _shift_position_ids_hook(encoder: PrefixEncoder, table: nn.Embedding | None,
     return args, kwargs
 
 
-def _shift_cache_length(encoder: PrefixEncoder):
-    """Forward pre-hook on BERT/RoBERTa embeddings: they derive positions from ``cache_length``
-    (RoBERTa also skips padding), exactly as PEFT's P cached entries make them do."""
-    return functools.partial(_shift_cache_length_hook, encoder)
-
-
 def _shift_cache_length_hook(encoder: PrefixEncoder, module, args, kwargs):
+    """Forward pre-hook on BERT/RoBERTa embeddings, bound with functools.partial: they derive
+    positions from ``cache_length`` (RoBERTa also skips padding), exactly as PEFT's P cached
+    entries make them do."""
     shift = encoder.num_virtual_tokens
     kwargs["cache_length"] = kwargs.get("cache_length", 0) + shift
     if kwargs.get("position_ids") is not None:
@@ -360,12 +353,13 @@ def _install_position_shift(model: nn.Module, found, encoder: PrefixEncoder, cal
     if family == "bert":
         embeddings = model.get_submodule(found[0].name.rsplit(".encoder.layer.", 1)[0] + ".embeddings"
                                          if ".encoder.layer." in found[0].name else "embeddings")
-        embeddings.register_forward_pre_hook(_shift_cache_length(encoder), with_kwargs=True)
+        embeddings.register_forward_pre_hook(functools.partial(_shift_cache_length_hook, encoder), with_kwargs=True)
         return
     # Llama/GPT-2: the module holding the block list ("model.layers.N" -> "model").
     decoder_name = found[0].name.rsplit(".", 2)[0] if found[0].name.count(".") >= 2 else ""
     decoder = model.get_submodule(decoder_name)
-    decoder.register_forward_pre_hook(_shift_position_ids(encoder, getattr(decoder, "wpe", None)), with_kwargs=True)
+    decoder.register_forward_pre_hook(functools.partial(_shift_position_ids_hook, encoder, getattr(decoder, "wpe", None)),
+                                      with_kwargs=True)
 
 
 def add_prefix(model: nn.Module, num_virtual_tokens: int, projection_hidden: int | None = None) -> nn.Module:

@@ -109,13 +109,9 @@ def _prepend(kwargs: dict, prompt: VirtualTokens, embeddings: nn.Embedding, toke
         kwargs["labels"] = torch.cat([labels.new_full((batch, num_virtual_tokens), -100), labels], dim=1)
 
 
-def _single_stack_rewrite(prompt: VirtualTokens, embeddings: nn.Embedding, token_labels: bool, caller: str):
-    """Decoder-only and encoder-only models: prompt on the first step, mask always."""
-    return functools.partial(_rewrite_single_stack, prompt, embeddings, token_labels, caller)
-
-
 def _rewrite_single_stack(prompt: VirtualTokens, embeddings: nn.Embedding, token_labels: bool, caller: str,
                           kwargs: dict) -> None:
+    """Decoder-only and encoder-only models: prompt on the first step, mask always."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None or cache.get_seq_length() == 0:
         _prepend(kwargs, prompt, embeddings, token_labels)
@@ -124,14 +120,10 @@ def _rewrite_single_stack(prompt: VirtualTokens, embeddings: nn.Embedding, token
     kwargs.pop("position_ids", None)
 
 
-def _encoder_rewrite(prompt: VirtualTokens, embeddings: nn.Embedding, caller: str):
+def _rewrite_encoder(prompt: VirtualTokens, embeddings: nn.Embedding, caller: str, kwargs: dict) -> None:
     """The encoder stack of an encoder-decoder model: always prompted. Its mask is already extended
     when the model's own hook ran first (length P + L) and not when generate() calls the encoder
     directly (length L)."""
-    return functools.partial(_rewrite_encoder, prompt, embeddings, caller)
-
-
-def _rewrite_encoder(prompt: VirtualTokens, embeddings: nn.Embedding, caller: str, kwargs: dict) -> None:
     source = kwargs.get("input_ids") if kwargs.get("inputs_embeds") is None else kwargs["inputs_embeds"]
     mask = kwargs.get("attention_mask")
     _prepend(kwargs, prompt, embeddings, token_labels=False)
@@ -192,13 +184,13 @@ def install_prompt(model: nn.Module, make_prompt: Callable[[int, int], VirtualTo
     model.add_module(PROMPT_ATTRIBUTE, prompt)
     if encoder_decoder:
         stack = model.get_encoder()
-        stack.register_forward_pre_hook(_keyword_hook(stack.forward, _encoder_rewrite(prompt, embeddings, caller)),
+        stack.register_forward_pre_hook(_keyword_hook(stack.forward, functools.partial(_rewrite_encoder, prompt, embeddings, caller)),
                                         with_kwargs=True)
         model.register_forward_pre_hook(
             _keyword_hook(model.forward, functools.partial(_extend_model_mask, prompt, caller)),
             with_kwargs=True)
     else:
-        rewrite = _single_stack_rewrite(prompt, embeddings, name.endswith(_TOKEN_LABELS), caller)
+        rewrite = functools.partial(_rewrite_single_stack, prompt, embeddings, name.endswith(_TOKEN_LABELS), caller)
         model.register_forward_pre_hook(_keyword_hook(model.forward, rewrite), with_kwargs=True)
     freeze_base(model)
     return prompt
