@@ -292,20 +292,27 @@ def versions() -> dict:
     return found
 
 
-def _full_step_ratios(results: list[Result]) -> dict[tuple[str, str, str], tuple[float | None, float | None]]:
-    """(op, shape, provider) -> the full step's median over ``reference``'s and over the case's
-    floor's (its first provider, where that is not the reference); None where there is none."""
-    full = {(r.row.op, r.row.shape, r.row.provider): r.row.p50 for r in results
-            if r.row.metric == "ms" and r.row.mode == "full"}
+_CaseProvider = tuple[str, str, str]  # (op, shape, provider)
+
+
+def _full_step_rows(results: Iterable[Result]) -> dict[_CaseProvider, Result]:
+    """(op, shape, provider) -> the full step's timing row, in run order."""
+    return {(r.row.op, r.row.shape, r.row.provider): r for r in results if r.row.metric == "ms" and r.row.mode == "full"}
+
+
+def _full_step_ratios(full: dict[_CaseProvider, Result]) -> dict[_CaseProvider, tuple[float | None, float | None]]:
+    """For the rows of :func:`_full_step_rows`: the full step's median over ``reference``'s and over
+    the case's floor's (its first provider, where that is not the reference); None where there is none."""
     floors: dict[tuple[str, str], str] = {}
     for op, shape, provider in full:
         floors.setdefault((op, shape), provider)
     ratios = {}
-    for (op, shape, provider), ms in full.items():
+    for (op, shape, provider), timed in full.items():
+        ms = timed.row.p50
         reference = full.get((op, shape, "reference"))
         floor = floors[(op, shape)]
-        ratios[(op, shape, provider)] = (ms / reference if reference else None,
-                                         ms / full[(op, shape, floor)] if floor != "reference" else None)
+        ratios[(op, shape, provider)] = (ms / reference.row.p50 if reference else None,
+                                         ms / full[(op, shape, floor)].row.p50 if floor != "reference" else None)
     return ratios
 
 
@@ -313,11 +320,10 @@ def ratio_results(results: Iterable[Result]) -> list[Result]:
     """The full step's ratios as result rows for the CSV: metric ``ratio_to_reference`` and, where
     the case has a floor provider, ``ratio_to_floor`` (the ratio of medians in p20, p50 and p80
     alike, as the memory rows repeat their one figure)."""
-    results = list(results)
-    rows = {(r.row.op, r.row.shape, r.row.provider): r for r in results if r.row.metric == "ms" and r.row.mode == "full"}
+    full = _full_step_rows(results)
     found = []
-    for key, ratios in _full_step_ratios(results).items():
-        timed = rows[key]
+    for key, ratios in _full_step_ratios(full).items():
+        timed = full[key]
         for metric, ratio in zip(("ratio_to_reference", "ratio_to_floor"), ratios):
             if ratio is not None:
                 row = dataclasses.replace(timed.row, metric=metric, p20=ratio, p50=ratio, p80=ratio)
@@ -338,7 +344,7 @@ def summarize(results: Iterable[Result]) -> list[dict]:
             "check": "ok" if r.ok else "FAIL", "detail": r.detail, "tokens_per_s": None})
         key = f"{row.mode}_ms" if row.metric == "ms" else row.metric
         entry[key] = row.p50
-    for key, (to_reference, to_floor) in _full_step_ratios(results).items():
+    for key, (to_reference, to_floor) in _full_step_ratios(_full_step_rows(results)).items():
         entries[key]["ratio_to_reference"], entries[key]["ratio_to_floor"] = to_reference, to_floor
     return list(entries.values())
 
